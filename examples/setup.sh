@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create ./.venv (once) and install llama-export into it with the given extras, e.g. `examples/setup.sh test`.
+# torch is pinned to 2.13.0: its CPU wheel is installed first so that nothing pulls a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+venv="${LLAMA_EXPORT_VENV:-.venv}"
+stamp="$venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras:-base}"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv" >&2
+    python3 -m venv "$venv"
+fi
+if [ ! -e "$stamp" ]; then
+    echo "setup: installing llama-export${extras:+[$extras]} into $venv (first run only)" >&2
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
+    "$venv/bin/python" -m pip install --quiet -e ".${extras:+[$extras]}"
+    touch "$stamp"
+fi

@@ -1,0 +1,1 @@
+"""Checkpoint → reference PyTorch model → ONNX artifact."""

@@ -1,0 +1,74 @@
+"""Named models: the published Llama 2 configurations and the built-in `tiny` default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import Checkpoint, RandomCheckpoint, open_checkpoint
+from .config import LlamaConfig
+from .errors import ExportError
+
+TINY_DIR = Path(__file__).parent / "assets" / "tiny"
+
+_LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+               torch_dtype="float16", bos_token_id=1, eos_token_id=2, pretraining_tp=1)
+_SIZES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),
+}
+
+PRESETS: dict[str, LlamaConfig] = {}
+HF_REPOS: dict[str, str] = {}
+for _size, _shape in _SIZES.items():
+    for _chat in (False, True):
+        _name = f"{_size}-chat" if _chat else _size
+        PRESETS[_name] = LlamaConfig(**_shape, **_LLAMA2)
+        HF_REPOS[_name] = f"meta-llama/Llama-2-{_size}{'-chat' if _chat else ''}-hf"
+PRESET_NAMES = ("tiny", *PRESETS)
+
+
+def preset_config(name: str) -> LlamaConfig:
+    if name == "tiny":
+        return LlamaConfig.from_file(TINY_DIR / "config.json")
+    return PRESETS[name]
+
+
+def hf_cache_dir(name: str) -> Path:
+    """The preset's snapshot in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME); never touches the network."""
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo = HF_REPOS[name]
+    try:
+        cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not when huggingface_hub was imported
+        return Path(snapshot_download(repo, local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise ExportError(
+            f"preset {name!r} is {repo}, which is not in the local Hugging Face cache; download it "
+            f"(`huggingface-cli download {repo}`), pass its directory with --checkpoint, or use "
+            f"--random-weights for structure-only work"
+        ) from None
+
+
+def resolve_checkpoint(model: str, checkpoint: str | Path | None = None, random_weights: bool = False,
+                       seed: int = 0) -> Checkpoint:
+    """MODEL (a preset or a checkpoint directory) and the optional --checkpoint → a lazy reader."""
+    if checkpoint is not None:
+        ckpt = open_checkpoint(checkpoint)
+    elif model in PRESET_NAMES:
+        if random_weights:
+            return RandomCheckpoint(preset_config(model), seed=seed)
+        ckpt = open_checkpoint(TINY_DIR) if model == "tiny" else open_checkpoint(hf_cache_dir(model))
+    elif Path(model).is_dir():
+        ckpt = open_checkpoint(model)
+    else:
+        raise ExportError(
+            f"unknown model {model!r}: not a preset ({', '.join(PRESET_NAMES)}) nor an existing checkpoint directory"
+        )
+    return RandomCheckpoint(ckpt.config, seed=seed) if random_weights else ckpt

@@ -1,0 +1,1 @@
+"""ONNX → ONNX passes (fusions, precision, quantization). Never imports torch."""

@@ -1,0 +1,1 @@
+"""Run an exported artifact directory: tokenizer, chat format, generation backends."""
