@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The README's first command: set up, then run the main job on the built-in `tiny` model.
+# The README's first command: set up, export the built-in `tiny` model to ONNX (checked in ONNX Runtime
+# against PyTorch), then generate text with the reference model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/setup.sh
+.venv/bin/llama-export --model tiny --fp32 -o out/tiny-float32 --force
 .venv/bin/llama-reference --model tiny --prompt "${1:-A list comprehension}" --max-new-tokens 48

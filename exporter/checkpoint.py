@@ -65,6 +65,10 @@ class Checkpoint(ABC):
     def load(self, name: str) -> torch.Tensor:
         """The tensor, as stored (dtype unchanged)."""
 
+    def load_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor converted to `dtype` (one conversion, one tensor at a time)."""
+        return self.load(name).to(dtype)
+
     def where(self, name: str) -> str:
         return self.source
 
@@ -94,22 +98,23 @@ def _check_float(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
     return tensor
 
 
+def _file_map(directory: Path, index_name: str, pattern: str, names_in) -> dict[str, Path]:
+    """tensor name → file: from the sharded checkpoint's index, else by listing each matching file."""
+    index = directory / index_name
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ExportError(f"{index}: no 'weight_map' object; re-download the index file")
+        return {name: directory / file for name, file in weight_map.items()}
+    return {name: file for file in sorted(directory.glob(pattern)) for name in names_in(file)}
+
+
 class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, directory: Path, config: LlamaConfig):
         self.config, self.source = config, str(directory)
         self._handles: dict[Path, object] = {}
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ExportError(f"{index}: no 'weight_map' object; re-download the index file")
-            self._file_of = {name: directory / file for name, file in weight_map.items()}
-        else:
-            files = sorted(directory.glob("*.safetensors"))
-            self._file_of = {}
-            for file in files:
-                for name in self._open(file).keys():
-                    self._file_of[name] = file
+        self._file_of = _file_map(directory, "model.safetensors.index.json", "*.safetensors",
+                                  lambda file: self._open(file).keys())
 
     def _open(self, file: Path):
         if file not in self._handles:
@@ -169,17 +174,8 @@ class BinCheckpoint(Checkpoint):
 
     def __init__(self, directory: Path, config: LlamaConfig):
         self.config, self.source = config, str(directory)
-        index = directory / "pytorch_model.bin.index.json"
         self._shards: dict[Path, dict[str, torch.Tensor]] = {}
-        if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ExportError(f"{index}: no 'weight_map' object; re-download the index file")
-            self._file_of = {name: directory / file for name, file in weight_map.items()}
-        else:
-            self._file_of = {}
-            for file in sorted(directory.glob("pytorch_model*.bin")):
-                self._file_of.update({name: file for name in self._shard(file)})
+        self._file_of = _file_map(directory, "pytorch_model.bin.index.json", "pytorch_model*.bin", self._shard)
 
     def _shard(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._shards:
@@ -303,11 +299,15 @@ class RandomCheckpoint(Checkpoint):
         return self._shapes[name]
 
     def load(self, name: str) -> torch.Tensor:
+        return self.load_as(name, torch.float32)
+
+    def load_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Generated directly in `dtype`, so a 70B embedding never exists in float32 as well."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        shape = self._shapes[name]
+        tensor = torch.randn(self._shapes[name], generator=gen, dtype=dtype)
         if name.endswith("norm.weight"):
-            return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        return self.std * torch.randn(shape, generator=gen)
+            return tensor.mul_(0.1).add_(1.0)
+        return tensor.mul_(self.std)
 
 
 def open_checkpoint(directory: str | Path) -> Checkpoint:

@@ -1,53 +1,92 @@
-"""`llama-export`: the pipeline's command line.
-
-Today it resolves MODEL, checks every tensor of the checkpoint against its config (names, shapes,
-dtypes, read one at a time) and describes the model; ONNX writing is added by the export stage.
-"""
+"""`llama-export`: a Llama 2 checkpoint → an ONNX artifact directory, checked against PyTorch."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
-from .checkpoint import FLOAT_DTYPES
-from .cli_options import model_options
+from .artifact import build_artifact, truncate_layers
+from .cli_options import dtype_option, model_options
 from .errors import ExportError
-from .presets import resolve_checkpoint
+from .presets import PRESET_NAMES, find_tokenizer, resolve_checkpoint
+from .verify import verify_artifact
+
+
+def _progress(total: int):
+    bar = click.progressbar(length=total, label="writing weights", file=sys.stderr)
+    bar.__enter__()
+
+    def step(name: str) -> None:
+        bar.update(1)
+        if bar.pos >= total:
+            bar.__exit__(None, None, None)
+    return step
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_options
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Read every tensor once and check its dtype (names and shapes are always checked).")
-def main(model_name, checkpoint, random_weights, seed, check):
-    """Check a Llama 2 checkpoint (preset or directory) and describe it.
+@dtype_option(None)
+@click.option("--target", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="onnx: the portable graph, standard ONNX with the cache Concat outside attention.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Artifact directory to write [default: out/MODEL-DTYPE].")
+@click.option("--num-layers", type=int, default=None, help="Keep only the first N layers (structure/memory work).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
+              help="tokenizer.model to ship in the artifact [default: the checkpoint's].")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (only once the new one is complete).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the artifact in ONNX Runtime against the reference model and print the max logit difference.")
+def main(model_name, checkpoint, random_weights, seed, dtype, target, output, num_layers, tokenizer_path, force,
+         verify):
+    """Export a Llama 2 model to an ONNX artifact directory.
+
+    MODEL is a preset (tiny, 7b, 13b, 70b and their -chat versions) or a checkpoint directory. The
+    directory holds model.onnx, its weights in model.onnx.data, config.json, tokenizer.model and
+    manifest.json (I/O contract, file sizes and sha256, tool versions, verification). The dtype
+    defaults to the checkpoint's own.
 
     \b
     Examples:
-      llama-export --model tiny
-      llama-export --model 13b                       # from the local Hugging Face cache
-      llama-export --checkpoint ./llama-2-7b         # Meta params.json + consolidated.*.pth
-      llama-export --model 70b --random-weights --no-check
+      llama-export --model tiny --fp32 -o out/tiny
+      llama-export --model 13b --fp16                     # from the local Hugging Face cache
+      llama-export --checkpoint ./llama-2-7b --fp16       # Meta params.json + consolidated.*.pth
+      llama-export --model 70b --random-weights --num-layers 2 --fp16 --no-verify
     """
     try:
-        t0 = time.perf_counter()
-        ckpt = resolve_checkpoint(model_name, checkpoint, random_weights, seed)
+        started = time.perf_counter()
+        ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
+        dtype = dtype or ckpt.config.torch_dtype
+        name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
+        output = output or Path("out") / f"{name}-{dtype}"
+        tokenizer = find_tokenizer(model_name, checkpoint, tokenizer_path)
+        if tokenizer is None:
+            click.echo("note: no tokenizer.model found; the artifact will have none (pass --tokenizer PATH)", err=True)
         c = ckpt.config
-        click.echo(f"source: {ckpt.source}")
-        click.echo(f"layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
-                   f"(key/value {c.num_key_value_heads}), head_dim {c.head_dim}, vocab {c.vocab_size}, "
-                   f"rope {c.rope_type}, {c.num_parameters() / 1e9:.3f} B parameters")
-        if check:
-            names = ckpt.names()
-            with click.progressbar(names, label="reading tensors", file=sys.stderr) as bar:
-                for name in bar:
-                    tensor = ckpt.load(name)
-                    if tensor.dtype not in FLOAT_DTYPES:  # load() already refuses these; belt and braces
-                        raise ExportError(f"{ckpt.where(name)}: tensor {name!r} has dtype {tensor.dtype}")
-                    del tensor
-        click.echo(f"checkpoint OK ({time.perf_counter() - t0:.1f} s)")
+        click.echo(f"{ckpt.source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads "
+                   f"{c.num_attention_heads}/{c.num_key_value_heads}, {c.num_parameters() / 1e9:.3f} B parameters",
+                   err=True)
+
+        def check(directory: Path) -> dict:
+            click.echo("verifying in ONNX Runtime against the reference model", err=True)
+            return verify_artifact(directory, ckpt, dtype)
+
+        manifest = build_artifact(
+            ckpt, output, dtype, force=force, tokenizer=tokenizer, verify=check if verify else None,
+            describe={"name": model_name, "source": ckpt.source, "random_weights": random_weights,
+                      "num_layers_kept": c.num_hidden_layers},
+            log=lambda msg: click.echo(msg, err=True), progress=_progress,
+        )
+        result = manifest["verification"]
+        if "skipped" in result:
+            click.echo(f"verification skipped: {result['skipped']}")
+        else:
+            click.echo(f"parity: max |logit diff| {result['max_abs_logit_diff']:.3g} vs PyTorch fp32 "
+                       f"(prefill {result['prefill_max_abs_diff']:.3g}, decode {result['decode_max_abs_diff']:.3g}), "
+                       f"top-1 {'identical' if result['top1_identical'] else 'DIFFERENT'}")
+        click.echo(f"wrote {output} in {time.perf_counter() - started:.1f} s")
     except ExportError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -23,11 +23,13 @@ def model_options(func):
     return func
 
 
-def dtype_option(default: str):
+def dtype_option(default: str | None):
+    """--fp32/--fp16/--bf16 into `dtype`; with default None the caller picks (e.g. the checkpoint's dtype)."""
     def wrap(func):
         for flag, name in (("--bf16", "bfloat16"), ("--fp16", "float16"), ("--fp32", "float32")):
             extra = {"default": True} if name == default else {}
             func = click.option(flag, "dtype", flag_value=name, **extra,
-                                help=f"Run/export in {name}." + (" [default]" if name == default else ""))(func)
+                                help=f"Weights and activations in {name} (logits are always float32)."
+                                     + (" [default]" if name == default else ""))(func)
         return func
     return wrap

@@ -22,10 +22,8 @@ def load_model(ckpt: Checkpoint, dtype: str | torch.dtype = "float32", device: s
     for name in expected_tensors(ckpt.config):
         module_path, _, attr = name.rpartition(".")
         module = model.get_submodule(module_path)
-        tensor = ckpt.load(name).to(device=device, dtype=dtype)
+        tensor = ckpt.load_as(name, dtype).to(device)
         setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
     if ckpt.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.inv_freq = torch.empty(0, device=device)
-    model.model.rotary_emb.reset_parameters()
     return model.eval()

@@ -110,23 +110,20 @@ class DecoderLayer(nn.Module):
 
 
 class Rotary(nn.Module):
+    """cos/sin for the given positions; the frequencies are computed from the config on the inputs'
+    device (a few dozen floats), so the module holds no buffer that a meta-device trace would lose."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        inv_freq, self.attention_scaling = rope_parameters(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def reset_parameters(self) -> None:
-        """Recompute the frequencies (after the module was built on the meta device)."""
-        self.inv_freq = rope_parameters(self.config)[0].to(self.inv_freq.device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
+        inv_freq, scaling = rope_parameters(self.config, position_ids.device)
         if self.config.rope_type == "dynamic":
             inv_freq = dynamic_inv_freq(self.config, position_ids)
         freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [batch, 1, seq, head_dim]
 
 
@@ -153,6 +150,15 @@ def attention_mask_4d(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     allowed = causal[None] & attention_mask[:, None, :].bool()
     allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None]
     return allowed[:, None]
+
+
+def keep_last(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The last `n` positions of `x` (all of them when n == 0), traceable with a data-dependent n."""
+    seq = x.shape[1]
+    start = torch.where(n > 0, seq - n.clamp(max=seq), torch.zeros_like(n)).item()
+    torch._check_is_size(start)
+    torch._check(start < seq)
+    return x.narrow(1, start, seq - start)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -193,8 +199,9 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x)
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
             x = x[:, logits_to_keep]
-        else:
-            keep = int(logits_to_keep)
-            x = x[:, -keep:] if keep > 0 else x
+        elif isinstance(logits_to_keep, torch.Tensor):  # a scalar tensor, as in the exported graph
+            x = keep_last(x, logits_to_keep)
+        elif logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = split_linear(x, self.lm_head, self.config.pretraining_tp, False)
         return logits.float(), tuple(presents)

@@ -72,3 +72,26 @@ def resolve_checkpoint(model: str, checkpoint: str | Path | None = None, random_
             f"unknown model {model!r}: not a preset ({', '.join(PRESET_NAMES)}) nor an existing checkpoint directory"
         )
     return RandomCheckpoint(ckpt.config, seed=seed) if random_weights else ckpt
+
+
+def find_tokenizer(model_name: str, checkpoint: Path | None, explicit: Path | None) -> Path | None:
+    """--tokenizer, else a tokenizer.model beside the checkpoint (or in its parent, Meta's layout)."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ExportError(f"--tokenizer {explicit}: file not found")
+        return explicit
+    dirs: list[Path] = [Path(checkpoint)] if checkpoint else []
+    if model_name == "tiny":
+        dirs.append(TINY_DIR)
+    elif model_name in PRESET_NAMES:
+        try:
+            dirs.append(hf_cache_dir(model_name))
+        except ExportError:
+            pass
+    else:
+        dirs.append(Path(model_name))
+    for d in dirs:
+        for candidate in (d / "tokenizer.model", d.parent / "tokenizer.model"):
+            if candidate.is_file():
+                return candidate
+    return None

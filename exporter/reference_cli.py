@@ -12,33 +12,9 @@ from .cli_options import dtype_option, model_options
 from .errors import ExportError
 from .generate import generate
 from .loading import load_model
-from .presets import PRESET_NAMES, TINY_DIR, hf_cache_dir, resolve_checkpoint
+from .presets import find_tokenizer, resolve_checkpoint
 from runtime.chat import ChatFormatError, chat_prompt_ids
 from runtime.tokenizer import LlamaTokenizer, TokenizerError
-
-
-def find_tokenizer(model_name: str, checkpoint: Path | None, explicit: Path | None) -> Path:
-    """--tokenizer, else the tokenizer.model beside the checkpoint (or the preset's)."""
-    if explicit is not None:
-        if not explicit.is_file():
-            raise ExportError(f"--tokenizer {explicit}: file not found")
-        return explicit
-    dirs = [checkpoint] if checkpoint else []
-    if model_name == "tiny":
-        dirs.append(TINY_DIR)
-    elif model_name in PRESET_NAMES:
-        try:
-            dirs.append(hf_cache_dir(model_name))
-        except ExportError:
-            pass
-    else:
-        dirs.append(Path(model_name))
-    for d in dirs:
-        if (Path(d) / "tokenizer.model").is_file():
-            return Path(d) / "tokenizer.model"
-    raise ExportError(
-        f"no tokenizer.model found for {model_name!r}; pass --tokenizer PATH (a Llama sentencepiece model)"
-    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,7 +40,11 @@ def main(model_name, checkpoint, random_weights, seed, dtype, prompt, chat, syst
     """
     try:
         ckpt = resolve_checkpoint(model_name, checkpoint, random_weights, seed)
-        tok = LlamaTokenizer(find_tokenizer(model_name, checkpoint, tokenizer_path))
+        tokenizer = find_tokenizer(model_name, checkpoint, tokenizer_path)
+        if tokenizer is None:
+            raise ExportError(f"no tokenizer.model found for {model_name!r}; pass --tokenizer PATH "
+                              f"(a Llama sentencepiece model)")
+        tok = LlamaTokenizer(tokenizer)
         t0 = time.perf_counter()
         model = load_model(ckpt, dtype)
         click.echo(f"loaded {ckpt.source}: {ckpt.config.num_parameters() / 1e6:.1f} M parameters, {dtype}, "

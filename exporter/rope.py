@@ -1,6 +1,6 @@
 """Rotary-embedding frequencies for each `rope_scaling` type Llama checkpoints use.
 
-Each function returns `(inv_freq, attention_scaling)` with `inv_freq` in float32 on the CPU, the way
+Each function returns `(inv_freq, attention_scaling)` with `inv_freq` in float32, the way
 transformers' `ROPE_INIT_FUNCTIONS` define them. `dynamic` (NTK) depends on the sequence length, so
 the model recomputes it from the positions of each call with `dynamic_inv_freq`.
 """
@@ -18,17 +18,17 @@ def _exponents(dim: int, device: torch.device | None = None) -> torch.Tensor:
     return torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
 
 
-def default_inv_freq(base: float, dim: int) -> torch.Tensor:
-    return 1.0 / (base ** _exponents(dim))
+def default_inv_freq(base: float, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    return 1.0 / (base ** _exponents(dim, device))
 
 
-def _linear(config: LlamaConfig) -> tuple[torch.Tensor, float]:
-    return default_inv_freq(config.rope_theta, config.head_dim) / config.rope_scaling["factor"], 1.0
+def _linear(config: LlamaConfig, device) -> tuple[torch.Tensor, float]:
+    return default_inv_freq(config.rope_theta, config.head_dim, device) / config.rope_scaling["factor"], 1.0
 
 
-def _llama3(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+def _llama3(config: LlamaConfig, device) -> tuple[torch.Tensor, float]:
     s = config.rope_scaling
-    inv_freq = default_inv_freq(config.rope_theta, config.head_dim)
+    inv_freq = default_inv_freq(config.rope_theta, config.head_dim, device)
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_context / low, old_context / high
@@ -44,7 +44,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+def _yarn(config: LlamaConfig, device) -> tuple[torch.Tensor, float]:
     s = config.rope_scaling
     base, dim, factor = config.rope_theta, config.head_dim, s["factor"]
     original = s.get("original_max_position_embeddings") or config.max_position_embeddings
@@ -66,20 +66,24 @@ def _yarn(config: LlamaConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     extrapolation_factor = 1 - ramp
     inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
     return inv_freq, attention_factor
 
 
-def rope_parameters(config: LlamaConfig) -> tuple[torch.Tensor, float]:
-    """inv_freq at the configured length, and the factor cos/sin are multiplied by."""
+def rope_parameters(config: LlamaConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """inv_freq at the configured length, and the factor cos/sin are multiplied by.
+
+    Built from `arange` on `device` (the inputs' device), so that a trace on the meta device
+    records the computation and the exported graph folds it to a constant.
+    """
     kind = config.rope_type
     if kind in ("default", "dynamic"):
-        return default_inv_freq(config.rope_theta, config.head_dim), 1.0
-    return {"linear": _linear, "llama3": _llama3, "yarn": _yarn}[kind](config)
+        return default_inv_freq(config.rope_theta, config.head_dim, device), 1.0
+    return {"linear": _linear, "llama3": _llama3, "yarn": _yarn}[kind](config, device)
 
 
 def dynamic_inv_freq(config: LlamaConfig, position_ids: torch.Tensor) -> torch.Tensor:

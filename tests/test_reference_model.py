@@ -54,8 +54,8 @@ class Weights(RandomCheckpoint):
         super().__init__(config)
         self._w = weights
 
-    def load(self, name):
-        return self._w[name]
+    def load_as(self, name, dtype):
+        return self._w[name].to(dtype)
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))

@@ -1,0 +1,131 @@
+"""Write an artifact directory atomically: graph, weights, config, tokenizer, manifest.
+
+Everything is built in a hidden sibling directory and renamed into place at the end, so an
+interrupted export leaves no directory that looks complete (a manifest is written last, and only
+inside the temporary directory).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from .checkpoint import Checkpoint, expected_tensors
+from .config import LlamaConfig
+from .errors import ExportError
+from .onnx_export import DATA_FILE, OPSET, io_contract, trace, write_weights
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("llama-export", "torch", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def truncate_layers(ckpt: Checkpoint, num_layers: int | None) -> Checkpoint:
+    """The same reader, seen through a config with only the first `num_layers` layers."""
+    total = ckpt.config.num_hidden_layers
+    if num_layers is None or num_layers == total:
+        return ckpt
+    if not 1 <= num_layers <= total:
+        raise ExportError(f"--num-layers {num_layers} is out of range: the model has {total} layers (use 1..{total})")
+    view = copy.copy(ckpt)  # readers only look tensors up by name: the later layers are never read
+    view.config = ckpt.config.replace(num_hidden_layers=num_layers)
+    return view
+
+
+def prepare_output(out_dir: Path, force: bool) -> Path:
+    """Refuse an existing DIR without --force; make a temporary sibling to build in."""
+    out_dir = out_dir.absolute()
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists; pass --force to replace it, or choose another -o DIR")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory; remove it or choose another -o DIR")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    except OSError as err:
+        raise ExportError(f"cannot write the artifact under {parent}: {err.strerror}; choose a writable -o DIR") from None
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished directory into place, replacing an old one only now."""
+    out_dir = out_dir.absolute()
+    trash = None
+    if out_dir.exists():
+        trash = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
+        out_dir.rename(trash)
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    tmp.rename(out_dir)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def build_artifact(
+    ckpt: Checkpoint, out_dir: Path, dtype: str, *, force: bool = False, tokenizer: Path | None = None,
+    verify: Callable[[Path], dict] | None = None, describe: dict | None = None,
+    log: Callable[[str], None] = print, progress: Callable[[int], Callable[[str], None]] | None = None,
+) -> dict:
+    """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir)` runs before publishing."""
+    tmp = prepare_output(out_dir, force)
+    try:
+        started = time.perf_counter()
+        config: LlamaConfig = ckpt.config
+        graph = tmp / "model.onnx"
+        log(f"tracing {config.num_hidden_layers} layers ({dtype}) on the meta device")
+        trace(config, dtype, graph)
+        traced = time.perf_counter()
+        step = progress(len(expected_tensors(config))) if progress else (lambda name: None)
+        names, data_bytes = write_weights(graph, ckpt, dtype, step)
+        log(f"wrote {data_bytes / 1e9:.2f} GB of weights to {DATA_FILE}")
+        onnx.checker.check_model(str(graph), full_check=True)
+        (tmp / "config.json").write_text(json.dumps(config.replace(torch_dtype=dtype).to_hf_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        verification = verify(tmp) if verify else {"skipped": "--no-verify"}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": {**(describe or {}), "config": config.to_hf_dict(), "num_parameters": config.num_parameters()},
+            "dtype": dtype,
+            "graph": {"file": "model.onnx", "data": DATA_FILE, "opset": OPSET, "flavour": "portable",
+                      "io": io_contract(config, dtype)},
+            "files": files,
+            "tools": _versions(),
+            "export": {"traced_on": "meta", "weights_streamed": names, "weights_bytes": data_bytes,
+                       "trace_seconds": round(traced - started, 2),
+                       "total_seconds": round(time.perf_counter() - started, 2), "passes": []},
+            "verification": verification,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish(tmp, out_dir)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,155 @@
+"""Trace the reference model into an ONNX graph with the portable I/O contract, in bounded memory.
+
+The model is traced on the meta device (no weight is materialised), saved without initializers,
+and every weight is then streamed from the checkpoint into `model.onnx.data`, one tensor at a time,
+converted to the export dtype on the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from .checkpoint import Checkpoint
+from .config import LlamaConfig
+from .errors import ExportError
+from .loading import torch_dtype
+from .model import LlamaForCausalLM
+
+OPSET = 23
+DATA_FILE = "model.onnx.data"
+ONNX_DTYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+               torch.bfloat16: onnx.TensorProto.BFLOAT16}
+ALIGN = 4096  # page-aligned weights, so that ONNX Runtime can memory-map them
+
+
+def io_contract(config: LlamaConfig, dtype: str) -> dict:
+    """Names, element types and dimension names of the graph's inputs and outputs."""
+    kv = ["batch", config.num_key_value_heads, "past_sequence_length", config.head_dim]
+    present = ["batch", config.num_key_value_heads, "total_sequence_length", config.head_dim]
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence_length"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence_length"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence_length"]},
+    ]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "kept_positions", config.vocab_size]}]
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            inputs.append({"name": f"past_key_values.{i}.{kind}", "dtype": dtype, "shape": kv})
+            outputs.append({"name": f"present.{i}.{kind}", "dtype": dtype, "shape": present})
+    inputs.append({"name": "logits_to_keep", "dtype": "int64", "shape": []})
+    return {"inputs": inputs, "outputs": outputs,
+            "logits_to_keep": "N > 0 keeps the last N positions; 0 keeps all; the vocabulary projection runs "
+                              "only on kept positions"}
+
+
+class _Flat(torch.nn.Module):
+    """The contract's flat signature around the reference model."""
+
+    def __init__(self, model: LlamaForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep):
+        logits, presents = self.model(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def trace(config: LlamaConfig, dtype: str, path: Path) -> None:
+    """Write the graph (no weights) to `path`, traced with every tensor on the meta device."""
+    dt = torch_dtype(dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dt).eval()
+    n, kvh, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    b, s, p = 2, 3, 4
+    meta = dict(device="meta", dtype=torch.long)
+    args = (torch.zeros(b, s, **meta), torch.ones(b, s + p, **meta), torch.zeros(b, s, **meta),
+            # distinct tensors: the tracer would merge one object passed twice into one graph input
+            tuple(tuple(torch.zeros(b, kvh, p, d, device="meta", dtype=dt) for _ in range(2)) for _ in range(n)),
+            torch.tensor(1, **meta))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
+    past = torch.export.Dim("past_sequence_length", min=0)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
+               "position_ids": {0: batch, 1: seq},
+               "past_key_values": tuple(({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(n)),
+               "logits_to_keep": None}
+    contract = io_contract(config, dtype)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Flat(model), args, dynamo=True, optimize=False, opset_version=OPSET, dynamic_shapes=dynamic,
+            input_names=[i["name"] for i in contract["inputs"]],
+            output_names=[o["name"] for o in contract["outputs"]], verbose=False,
+        )
+        program.save(str(path), include_initializers=False)
+    proto = onnx.load(str(path))
+    for value in list(proto.graph.input) + list(proto.graph.output):  # name the derived dimensions
+        spec = next(x for x in contract["inputs"] + contract["outputs"] if x["name"] == value.name)
+        for dim, name in zip(value.type.tensor_type.shape.dim, spec["shape"]):
+            if isinstance(name, str):
+                dim.dim_param = name
+    if dt != torch.float32:  # softmax of fp16/bf16 attention in fp32 (opset-23 Attention's own attribute)
+        for node in proto.graph.node:
+            if node.op_type == "Attention":
+                node.attribute.append(onnx.helper.make_attribute("softmax_precision", onnx.TensorProto.FLOAT))
+    onnx.save(proto, str(path))
+
+
+def _graph_weights(proto: onnx.ModelProto) -> list[str]:
+    """Names the graph reads that no node, input or initializer defines: the weights to stream in."""
+    defined = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    defined |= {o for node in proto.graph.node for o in node.output}
+    needed: list[str] = []
+    for node in proto.graph.node:
+        for name in node.input:
+            if name and name not in defined and name not in needed:
+                needed.append(name)
+    return needed
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def write_weights(path: Path, ckpt: Checkpoint, dtype: str,
+                  progress: Callable[[str], None] = lambda name: None) -> tuple[int, int]:
+    """Stream every weight the graph at `path` reads into `model.onnx.data`: (tensors, bytes) written."""
+    dt = torch_dtype(dtype)
+    proto = onnx.load(str(path))
+    known = set(ckpt.names())
+    offset = 0
+    weights = _graph_weights(proto)
+    with open(path.parent / DATA_FILE, "wb") as data:
+        for name in weights:
+            source = name.removeprefix("model.")  # the _Flat wrapper's attribute
+            if source not in known and source == "lm_head.weight" and ckpt.config.tie_word_embeddings:
+                source = "model.embed_tokens.weight"
+            if source not in known:
+                raise ExportError(f"the traced graph needs weight {name!r}, which {ckpt.source} does not have")
+            tensor = ckpt.load_as(source, dt)
+            raw = _raw_bytes(tensor)
+            pad = (-offset) % (ALIGN if len(raw) >= ALIGN else 64)
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(raw)
+            init = proto.graph.initializer.add()
+            init.name, init.data_type = name, ONNX_DTYPES[dt]
+            init.dims.extend(tensor.shape)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+            del tensor, raw
+            progress(name)
+    onnx.save(proto, str(path))
+    return len(weights), offset

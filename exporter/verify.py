@@ -1,0 +1,78 @@
+"""Check a freshly written artifact in ONNX Runtime against the reference model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .loading import load_model
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def too_large(ckpt: Checkpoint, dtype: str) -> str | None:
+    """Why the model cannot be verified here (the reference in fp32 plus the artifact must fit), or None."""
+    params = ckpt.config.num_parameters()
+    need = params * 4 + params * (4 if dtype == "float32" else 2)
+    have = available_memory()
+    if need > 0.8 * have:
+        return (f"not verified: the reference model and the artifact need {need / 1e9:.1f} GB together, "
+                f"{have / 1e9:.1f} GB is available")
+    return None
+
+
+def feed(ids, mask, pos, past, keep) -> dict[str, np.ndarray]:
+    out = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
+           "logits_to_keep": np.array(keep, dtype=np.int64)}
+    for i, (k, v) in enumerate(past):
+        out[f"past_key_values.{i}.key"], out[f"past_key_values.{i}.value"] = k, v
+    return out
+
+
+def verify_artifact(directory: Path, ckpt: Checkpoint, dtype: str, prompt_len: int = 8) -> dict:
+    """One prefill and one decode step on a short random prompt; max |logit difference| and top-1 agreement."""
+    import onnxruntime as ort
+
+    if dtype not in NUMPY_DTYPES:
+        return {"skipped": f"ONNX Runtime's CPU provider has no {dtype} kernels for this graph"}
+    reason = too_large(ckpt, dtype)
+    if reason:
+        return {"skipped": reason}
+    c = ckpt.config
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    reference = load_model(ckpt, "float32")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, c.vocab_size, (1, prompt_len), generator=gen)
+    mask = torch.ones(1, prompt_len, dtype=torch.long)
+    pos = torch.arange(prompt_len)[None]
+    empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), NUMPY_DTYPES[dtype])
+    outputs = session.run(None, feed(ids, mask, pos, [(empty, empty)] * c.num_hidden_layers, 0))
+    with torch.no_grad():
+        ref_logits, cache = reference(ids, mask, pos)
+    diffs = [float(np.abs(outputs[0] - ref_logits.numpy()).max())]
+    agree = [bool((outputs[0].argmax(-1) == ref_logits.numpy().argmax(-1)).all())]
+    past = list(zip(outputs[1::2], outputs[2::2]))
+    step = ref_logits[:, -1:].argmax(-1)
+    mask = torch.ones(1, prompt_len + 1, dtype=torch.long)
+    pos = torch.tensor([[prompt_len]])
+    outputs = session.run(None, feed(step, mask, pos, past, 1))
+    with torch.no_grad():
+        ref_logits, _ = reference(step, mask, pos, past_key_values=cache, logits_to_keep=1)
+    diffs.append(float(np.abs(outputs[0] - ref_logits.numpy()).max()))
+    agree.append(bool((outputs[0].argmax(-1) == ref_logits.numpy().argmax(-1)).all()))
+    return {"against": "reference model, float32", "prompt_tokens": prompt_len,
+            "max_abs_logit_diff": max(diffs), "prefill_max_abs_diff": diffs[0], "decode_max_abs_diff": diffs[1],
+            "top1_identical": all(agree)}
