@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: set up, export the built-in `tiny` model to ONNX (checked in ONNX Runtime
-# against PyTorch), then generate text with the reference model.
+# against PyTorch), then generate text from the artifact with the ONNX Runtime backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/setup.sh
 .venv/bin/llama-export --model tiny --fp32 -o out/tiny-float32 --force
-.venv/bin/llama-reference --model tiny --prompt "${1:-A list comprehension}" --max-new-tokens 48
+.venv/bin/llama-generate out/tiny-float32 --prompt "${1:-A list comprehension}" --max-new-tokens 48

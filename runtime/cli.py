@@ -1,0 +1,72 @@
+"""`llama-generate`: text from an artifact directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .artifact import Artifact, ArtifactError
+from .backends import OrtBackend
+from .generate import Generation, GenerationError
+from .sampling import SamplingParams
+from .tokenizer import LlamaTokenizer, TokenizerError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Text to continue; give several --prompt to run them as one batch.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stop", "stop_strings", multiple=True, help="Stop a sequence when its text contains this string.")
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt: tokens, text, finish_reason.")
+def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+         stop_strings, backend, threads, as_json):
+    """Generate text with an artifact directory written by llama-export.
+
+    \b
+    Examples:
+      llama-generate out/tiny-float32 --prompt "A list comprehension"
+      llama-generate out/tiny-float32 --prompt "Lists" --prompt "The tutorial" --json
+      llama-generate out/tiny-float32 --prompt "Tuples" --temperature 0.8 --top-p 0.9 --seed 1
+    """
+    try:
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        artifact = Artifact.open(directory)
+        if artifact.tokenizer_path is None:
+            raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
+        tokenizer = LlamaTokenizer(artifact.tokenizer_path)
+        ids = [tokenizer.encode(p) if p else [] for p in prompts]
+        run = Generation(OrtBackend(artifact, threads), tokenizer, ids, artifact.max_length, max_new_tokens, params,
+                         stop_strings=stop_strings)
+        if as_json or len(prompts) > 1:
+            for _ in run:
+                pass
+            for prompt, result in zip(prompts, run.results):
+                if as_json:
+                    click.echo(json.dumps({"prompt": prompt, "tokens": result.tokens, "text": result.text,
+                                           "finish_reason": result.finish_reason}))
+                else:
+                    click.echo(f"--- {prompt}{result.text}")
+        else:
+            click.echo(prompts[0], nl=False)
+            for deltas in run:
+                click.echo(deltas[0], nl=False)
+            click.echo()
+    except (ArtifactError, GenerationError, TokenizerError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

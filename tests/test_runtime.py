@@ -1,0 +1,210 @@
+"""Runtime: greedy tokens equal transformers' generate, sampling statistics, streaming, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.artifact import build_artifact
+from exporter.checkpoint import RandomCheckpoint
+from exporter.presets import TINY_DIR, resolve_checkpoint
+from runtime.artifact import Artifact, ArtifactError
+from runtime.backends import OrtBackend
+from runtime.generate import Generation, GenerationError, generate
+from runtime.sampling import SamplingParams, filtered_probs, sample
+from runtime.tokenizer import LlamaTokenizer
+from conftest import small_config, state_dict, transformers_model
+
+CONFIGS = {"mha": small_config(vocab_size=4096, max_position_embeddings=128),
+           "gqa": small_config(vocab_size=4096, max_position_embeddings=128, num_attention_heads=8,
+                               num_key_value_heads=2)}
+PROMPTS = ["A list comprehension", "The tutorial explains how", "Hello"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return LlamaTokenizer(TINY_DIR / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    made = {}
+
+    def get(case):
+        if case not in made:
+            ckpt = resolve_checkpoint("tiny") if case == "tiny" else RandomCheckpoint(CONFIGS[case], seed=9)
+            out = tmp_path_factory.mktemp(case) / "artifact"
+            build_artifact(ckpt, out, "float32", tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
+            made[case] = (Artifact.open(out), ckpt)
+        return made[case]
+    return get
+
+
+def hf_greedy(ckpt, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers generate(do_sample=False) on a left-padded batch; new tokens up to (not incl.) EOS."""
+    model = transformers_model(ckpt.config, state_dict(ckpt))
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                             pad_token_id=0, eos_token_id=2)
+    rows = []
+    for row in out[:, longest:].tolist():
+        rows.append(row[:row.index(2)] if 2 in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("case", ["mha", "gqa", "tiny"])
+def test_greedy_tokens_equal_transformers_single_and_batched(artifacts, tokenizer, case):
+    artifact, ckpt = artifacts(case)
+    backend = OrtBackend(artifact)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    expected = hf_greedy(ckpt, prompts, 32)
+    batched = generate(backend, tokenizer, prompts, artifact.max_length, 32)
+    assert [r.tokens for r in batched] == expected
+    for prompt, want in zip(prompts, expected):
+        assert generate(backend, tokenizer, [prompt], artifact.max_length, 32)[0].tokens == want
+    assert all(len(r.tokens) == 32 or r.finish_reason == "stop" for r in batched)
+
+
+def test_same_seed_same_tokens_and_seed_matters(artifacts, tokenizer):
+    artifact, _ = artifacts("tiny")
+    backend = OrtBackend(artifact)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    run = lambda seed: [r.tokens for r in generate(backend, tokenizer, prompts, artifact.max_length, 24,
+                                                   SamplingParams(temperature=1.0, top_p=0.95, seed=seed))]
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_top_k_never_leaves_the_k_best():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 100)) * 3
+    params = SamplingParams(temperature=1.5, top_k=5, seed=0)
+    best = np.argsort(-logits, -1)[:, :5]
+    for _ in range(50):
+        tokens = sample(logits, params, rng)
+        assert all(t in row for t, row in zip(tokens, best))
+
+
+def test_top_p_matches_the_truncated_distribution():
+    """Chi-square of 20000 draws against softmax truncated to the top-p nucleus (fixed seed)."""
+    logits = np.log(np.array([[0.30, 0.22, 0.16, 0.12, 0.08, 0.05, 0.04, 0.03]]))
+    params = SamplingParams(temperature=1.0, top_p=0.75, seed=0)
+    probs = filtered_probs(logits, params)[0]
+    assert np.count_nonzero(probs) == 4  # 0.68 < 0.75 keeps a fourth token; 0.80 >= 0.75 stops there
+    rng = np.random.default_rng(1234)
+    draws = sample(np.repeat(logits, 20000, axis=0), params, rng)
+    counts = np.bincount(draws, minlength=8)
+    assert counts[4:].sum() == 0
+    expected = probs[:4] * 20000
+    chi2 = (((counts[:4] - expected) ** 2) / expected).sum()
+    assert chi2 < 16.27  # chi-square 0.999 quantile, 3 degrees of freedom
+
+
+def test_min_p_and_repetition_penalty():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    kept = filtered_probs(logits, SamplingParams(temperature=1.0, min_p=0.2))[0]
+    assert np.count_nonzero(kept) == 3  # 0.05 < 0.2 * 0.5
+    penalised = sample(np.array([[2.0, 1.9, -1.0]]), SamplingParams(repetition_penalty=1.5), None, [[0]])
+    assert penalised.tolist() == [1]  # 2.0 / 1.5 < 1.9
+
+
+def test_streaming_concatenates_to_the_full_text(artifacts, tokenizer):
+    artifact, _ = artifacts("tiny")
+    prompts = [tokenizer.encode(p) for p in PROMPTS] + [tokenizer.encode("emoji \U0001F9EC and 日本")]
+    run = Generation(OrtBackend(artifact), tokenizer, prompts, artifact.max_length, 40,
+                     SamplingParams(temperature=1.0, seed=5))
+    pieces = [[] for _ in prompts]
+    for deltas in run:
+        for row, delta in enumerate(deltas):
+            assert "\ufffd" not in delta
+            pieces[row].append(delta)
+    for prompt, row, result in zip(prompts, pieces, run.results):
+        assert "".join(row) == result.text
+        full = tokenizer.decode(prompt + result.tokens)
+        assert full == tokenizer.decode(prompt) + result.text
+
+
+def test_stop_strings_and_ids(artifacts, tokenizer):
+    artifact, _ = artifacts("tiny")
+    backend = OrtBackend(artifact)
+    prompt = [tokenizer.encode("A list comprehension")]
+    free = generate(backend, tokenizer, prompt, artifact.max_length, 30)[0]
+    stop = free.text.strip()[:6]
+    cut = generate(backend, tokenizer, prompt, artifact.max_length, 30, stop_strings=[stop])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+    by_id = generate(backend, tokenizer, prompt, artifact.max_length, 30, stop_token_ids=[free.tokens[3]])[0]
+    assert by_id.tokens == free.tokens[:free.tokens.index(free.tokens[3])] and by_id.finish_reason == "stop"
+
+
+def test_generation_errors(artifacts, tokenizer):
+    artifact, _ = artifacts("mha")
+    backend = OrtBackend(artifact)
+    with pytest.raises(GenerationError, match="a prompt is empty"):
+        Generation(backend, tokenizer, [[]], artifact.max_length, 4)
+    with pytest.raises(GenerationError, match="a prompt has 128 tokens; the context window is 128"):
+        Generation(backend, tokenizer, [[5] * 128], artifact.max_length, 4)
+    with pytest.raises(GenerationError, match=r"exceeds the context window of 128; lower max_new_tokens to 28"):
+        Generation(backend, tokenizer, [[5] * 100], artifact.max_length, 40)
+    for bad, message in ((dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+                         (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+                         (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+                         (dict(top_k=-2), "top_k=-2 must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**bad)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_json_batch_equals_api(artifacts, tokenizer):
+    artifact, _ = artifacts("tiny")
+    out = cli(str(artifact.directory), "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--json",
+              "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = generate(OrtBackend(artifact), tokenizer, [tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[2])],
+                        artifact.max_length, 12)
+    assert [r["tokens"] for r in rows] == [e.tokens for e in expected]
+    assert [r["text"] for r in rows] == [e.text for e in expected]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "a prompt is empty"),
+    (["--prompt", "x", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+    (["--prompt", "x", "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["--prompt", "x", "--max-new-tokens", "5000"], "exceeds the context window of 1024"),
+    (["--prompt", "word " * 1100], "the context window is 1024"),
+])
+def test_cli_bad_input(artifacts, args, message):
+    artifact, _ = artifacts("tiny")
+    out = cli(str(artifact.directory), *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_tampered_artifact_is_refused(artifacts, tmp_path):
+    import shutil
+
+    artifact, _ = artifacts("mha")
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact.directory, copy)
+    with open(copy / "model.onnx.data", "r+b") as f:
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ArtifactError, match=r"model.onnx.data: sha256 does not match the manifest"):
+        Artifact.open(copy)
+    out = cli(str(copy), "--prompt", "x")
+    assert out.returncode == 2 and "sha256 does not match" in out.stderr
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json; not an artifact directory"):
+        Artifact.open(copy)
