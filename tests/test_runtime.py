@@ -208,3 +208,22 @@ def test_tampered_artifact_is_refused(artifacts, tmp_path):
     (copy / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="no manifest.json; not an artifact directory"):
         Artifact.open(copy)
+
+
+def test_chat_keeps_history_and_reports_a_full_window(artifacts, tokenizer):
+    from runtime.chat import chat_prompt_ids
+
+    artifact, _ = artifacts("tiny")
+    backend = OrtBackend(artifact)
+    window = artifact.max_length
+    stdin = "What is a list?\nAnd a tuple?\n" + "word " * 1100 + "\n"
+    out = subprocess.run([sys.executable, "-m", "runtime.chat_cli", str(artifact.directory), "--system", "Be brief.",
+                          "--max-new-tokens", "12"], input=stdin, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    first = generate(backend, tokenizer, [chat_prompt_ids(tokenizer, dialog)], window, 12)[0]
+    dialog += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a tuple?"}]
+    second = generate(backend, tokenizer, [chat_prompt_ids(tokenizer, dialog)], window, 12)[0]
+    assert out.stdout.splitlines()[:len((first.text + "\n" + second.text).splitlines())] == \
+        (first.text + "\n" + second.text).splitlines()
+    assert f"the context window is {window}" in out.stderr

@@ -1,0 +1,90 @@
+"""`llama-chat`: an interactive Llama-2-chat session over an artifact directory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .artifact import Artifact, ArtifactError
+from .backends import OrtBackend
+from .chat import ChatFormatError, chat_prompt_ids
+from .generate import Generation
+from .sampling import SamplingParams
+from .tokenizer import LlamaTokenizer
+
+
+def fit_history(tokenizer: LlamaTokenizer, system: str | None, turns: list[dict], window: int,
+                reserve: int) -> tuple[list[dict], list[int]]:
+    """Drop the oldest user/assistant pairs until the prompt leaves `reserve` tokens of the window."""
+    while True:
+        dialog = ([{"role": "system", "content": system}] if system else []) + turns
+        ids = chat_prompt_ids(tokenizer, dialog)
+        if len(ids) + reserve <= window or len(turns) <= 1:
+            return turns, ids
+        turns = turns[2:]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="System prompt, folded into the first turn between <<SYS>> tags.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest answer.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def main(directory, system, max_new_tokens, temperature, top_p, seed):
+    """Chat with an artifact in the Llama-2-chat format, streaming each answer.
+
+    The conversation is kept while it fits in the context window; the oldest turns are dropped
+    when it does not. Type /reset to start over, /quit (or end the input) to leave.
+    """
+    try:
+        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        artifact = Artifact.open(directory)
+        if artifact.tokenizer_path is None:
+            raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
+        tokenizer, backend = LlamaTokenizer(artifact.tokenizer_path), OrtBackend(artifact)
+    except (ArtifactError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    window, turns = artifact.max_length, []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            turns = []
+            click.echo("(conversation cleared)")
+            continue
+        if not message.strip():
+            continue
+        try:
+            kept, ids = fit_history(tokenizer, system, turns + [{"role": "user", "content": message}], window,
+                                    reserve=1)
+        except ChatFormatError as err:
+            click.echo(f"error: {err}", err=True)
+            continue
+        if len(kept) < len(turns) + 1:
+            click.echo(f"(context window of {window} tokens full: dropped the oldest "
+                       f"{(len(turns) + 1 - len(kept)) // 2} exchange(s))", err=True)
+        if len(ids) >= window:
+            click.echo(f"error: this message alone needs {len(ids)} tokens; the context window is {window}. "
+                       f"Send a shorter message or /reset.", err=True)
+            continue
+        run = Generation(backend, tokenizer, [ids], window, min(max_new_tokens, window - len(ids)), params)
+        for deltas in run:
+            click.echo(deltas[0], nl=False)
+        click.echo()
+        answer = run.results[0]
+        if answer.finish_reason == "length" and len(ids) + len(answer.tokens) >= window:
+            click.echo("(the answer stopped at the end of the context window)", err=True)
+        turns = kept + [{"role": "assistant", "content": answer.text}]
+
+
+if __name__ == "__main__":
+    main()
