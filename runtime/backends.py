@@ -22,6 +22,9 @@ class Backend(Protocol):
                 logits_to_keep: int) -> tuple[np.ndarray, Past]:
         """float32 logits `[batch, kept, vocab]` and the present cache."""
 
+    def empty_cache(self, batch: int) -> Past:
+        """The past of a first step: length 0."""
+
 
 class OrtBackend:
     """ONNX Runtime: the CUDA provider when onnxruntime-gpu has it, else the CPU."""

@@ -20,7 +20,9 @@ class GenerationError(ValueError):
 
 
 @dataclass
-class Sequence_:
+class Row:
+    """One prompt's state during generation."""
+
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -81,10 +83,10 @@ class Generation:
         self.backend, self.tokenizer, self.params = backend, tokenizer, params
         self.max_new_tokens, self.stop_strings = max_new_tokens, tuple(stop_strings)
         self.stops = {tokenizer.eos_id, *stop_token_ids}
-        self.seqs = [Sequence_(p) for p in prompts]
+        self.seqs = [Row(p) for p in prompts]
         self.results: list[Result] = []
 
-    def _advance(self, seq: Sequence_, stream, token: int) -> str:
+    def _advance(self, seq: Row, stream, token: int) -> str:
         """Record one sampled token for one row; the text it adds."""
         if token in self.stops:
             seq.finish_reason = "stop"

@@ -227,3 +227,23 @@ def test_chat_keeps_history_and_reports_a_full_window(artifacts, tokenizer):
     assert out.stdout.splitlines()[:len((first.text + "\n" + second.text).splitlines())] == \
         (first.text + "\n" + second.text).splitlines()
     assert f"the context window is {window}" in out.stderr
+
+
+def test_bench_reports_consistent_figures(artifacts):
+    artifact, _ = artifacts("tiny")
+    out = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "16",
+                          "--gen-len", "8", "--runs", "1", "--batch", "2", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    c = artifact.config
+    weights = artifact.manifest["export"]["weights_bytes"] - c["vocab_size"] * c["hidden_size"] * 4
+    cache = 2 * 4 * 4 * 32 * 4 * (16 + 4.5) * 2
+    assert report["bytes_per_step"] == int(weights + cache)
+    assert report["decode_tokens_per_s"] == pytest.approx(2 * report["decode_steps_per_s"], rel=0.01)
+    assert report["achieved_gb_per_s"] == pytest.approx(
+        report["bytes_per_step"] * report["decode_steps_per_s"] / 1e9, rel=0.02)
+    assert report["measured_read_gb_per_s"] > 0.5 and report["peak_rss_mb"] > 50
+    bad = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "1000",
+                          "--gen-len", "100"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "exceeds the context window 1024" in bad.stderr

@@ -1,0 +1,123 @@
+"""`llama-bench`: prefill latency, decode tokens/s, peak RSS, and the fraction of memory bandwidth used.
+
+Decode on a CPU is bound by reading every weight (and the KV cache) once per step, so the figure
+that says how good a runtime is, is bytes read per step ÷ step time, against a read bandwidth this
+command measures itself in the same run (ONNX Runtime's matrix-vector product over a 1 GiB matrix,
+far larger than the caches, with the same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .artifact import Artifact, ArtifactError
+from .backends import OrtBackend
+from .generate import decode_one_token, prefill
+
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def read_bandwidth(threads: int | None, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s ONNX Runtime streams through a matrix-vector product over a `megabytes` matrix, far larger
+    than the caches (median of `repeats`): decode's own access pattern, at its best."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k = 8192
+    n = megabytes * (1 << 20) // (4 * k)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "bandwidth",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.full((1, k), 0.5, np.float32)))
+    binding.bind_ortvalue_input("w", ort.OrtValue.ortvalue_from_numpy(np.full((k, n), 0.25, np.float32)))
+    binding.bind_output("y")
+    session.run_with_iobinding(binding)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run_with_iobinding(binding)
+        times.append(time.perf_counter() - start)
+    return k * n * 4 / statistics.median(times)
+
+
+def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(batch)]
+    start = time.perf_counter()
+    logits, past, mask, pos = prefill(backend, prompts)
+    prefill_s = time.perf_counter() - start
+    tokens = logits.argmax(-1)
+    start = time.perf_counter()
+    for _ in range(gen_len):
+        logits, past, mask, pos = decode_one_token(backend, tokens, past, mask, pos)
+        tokens = logits.argmax(-1)
+    return prefill_s, time.perf_counter() - start
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--gen-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs (after a warm-up).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def main(directory, backend, batch, prompt_len, gen_len, runs, threads, as_json):
+    """Benchmark an artifact: prefill latency, decode tokens/s, peak RSS, bandwidth fraction (medians)."""
+    try:
+        artifact = Artifact.open(directory)
+        c = artifact.config
+        if prompt_len + gen_len + 1 > artifact.max_length:
+            raise ArtifactError(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
+                                f"{artifact.max_length}")
+        engine = OrtBackend(artifact, threads)
+    except (ArtifactError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    run_once(engine, c["vocab_size"], batch, min(prompt_len, 8), 2, seed=99)  # warm-up
+    results = [run_once(engine, c["vocab_size"], batch, prompt_len, gen_len, seed=i) for i in range(runs)]
+    prefill_s = statistics.median(r[0] for r in results)
+    decode_s = statistics.median(r[1] for r in results)
+    weights = artifact.manifest["export"]["weights_bytes"]
+    if not c.get("tie_word_embeddings"):  # a decode step gathers one embedding row, not the table
+        weights -= c["vocab_size"] * c["hidden_size"] * BYTES[artifact.dtype]
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    mean_len = prompt_len + (gen_len + 1) / 2
+    cache = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * BYTES[artifact.dtype] * mean_len * batch
+    per_step = weights + cache
+    bandwidth = read_bandwidth(threads)
+    achieved = per_step * gen_len / decode_s
+    report = {
+        "artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "batch": batch,
+        "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads,
+        "prefill_ms": round(prefill_s * 1e3, 1), "decode_tokens_per_s": round(batch * gen_len / decode_s, 2),
+        "decode_steps_per_s": round(gen_len / decode_s, 2), "bytes_per_step": int(per_step),
+        "achieved_gb_per_s": round(achieved / 1e9, 2), "measured_read_gb_per_s": round(bandwidth / 1e9, 2),
+        "bandwidth_fraction": round(achieved / bandwidth, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for key, value in report.items():
+            click.echo(f"{key:>24}: {value}")
+
+
+if __name__ == "__main__":
+    main()
