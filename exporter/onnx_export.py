@@ -113,6 +113,23 @@ def _graph_weights(proto: onnx.ModelProto) -> list[str]:
     return needed
 
 
+def _transposed_weights(proto: onnx.ModelProto, weights: list[str]) -> dict[str, onnx.NodeProto]:
+    """Weights read only through a 2-D Transpose: written pre-transposed, so the graph has no Transpose
+    for ONNX Runtime to fold at load time (which costs a second copy of every matrix)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out = {}
+    for name in weights:
+        users = consumers.get(name, [])
+        if len(users) == 1 and users[0].op_type == "Transpose":
+            perm = next((list(a.ints) for a in users[0].attribute if a.name == "perm"), [1, 0])
+            if perm == [1, 0]:
+                out[name] = users[0]
+    return out
+
+
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.contiguous()
     if tensor.dtype == torch.bfloat16:
@@ -121,13 +138,23 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_weights(path: Path, ckpt: Checkpoint, dtype: str,
-                  progress: Callable[[str], None] = lambda name: None) -> tuple[int, int]:
-    """Stream every weight the graph at `path` reads into `model.onnx.data`: (tensors, bytes) written."""
+                  progress: Callable[[str], None] = lambda name: None) -> tuple[int, int, int]:
+    """Stream every weight the graph at `path` reads into `model.onnx.data`.
+
+    Returns (tensors, bytes written, weights stored pre-transposed)."""
     dt = torch_dtype(dtype)
     proto = onnx.load(str(path))
     known = set(ckpt.names())
     offset = 0
     weights = _graph_weights(proto)
+    transposed = _transposed_weights(proto, weights)
+    renamed = {node.output[0]: f"{name}.T" for name, node in transposed.items()}
+    for node in transposed.values():
+        proto.graph.node.remove(node)
+    for node in proto.graph.node:  # readers of each Transpose now read the stored `<weight>.T`
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
     with open(path.parent / DATA_FILE, "wb") as data:
         for name in weights:
             source = name.removeprefix("model.")  # the _Flat wrapper's attribute
@@ -136,13 +163,16 @@ def write_weights(path: Path, ckpt: Checkpoint, dtype: str,
             if source not in known:
                 raise ExportError(f"the traced graph needs weight {name!r}, which {ckpt.source} does not have")
             tensor = ckpt.load_as(source, dt)
+            if name in transposed:
+                tensor = tensor.t().contiguous()
             raw = _raw_bytes(tensor)
             pad = (-offset) % (ALIGN if len(raw) >= ALIGN else 64)
             data.write(b"\0" * pad)
             offset += pad
             data.write(raw)
             init = proto.graph.initializer.add()
-            init.name, init.data_type = name, ONNX_DTYPES[dt]
+            init.name = f"{name}.T" if name in transposed else name
+            init.data_type = ONNX_DTYPES[dt]
             init.dims.extend(tensor.shape)
             init.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
@@ -152,4 +182,4 @@ def write_weights(path: Path, ckpt: Checkpoint, dtype: str,
             del tensor, raw
             progress(name)
     onnx.save(proto, str(path))
-    return len(weights), offset
+    return len(weights), offset, len(transposed)

@@ -112,7 +112,9 @@ def test_graph_passes_full_check_and_carries_the_io_contract(exported):
     # every weight is external, in model.onnx.data
     assert graph.initializer and all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
     assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
-    # the vocabulary projection runs after the pruning (Slice) of positions
+    # weights are stored pre-transposed: no Transpose reads an initializer
+    names = {t.name for t in graph.initializer}
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in names]
     assert (out / "model.onnx").stat().st_size < 2_000_000
 
 
@@ -126,6 +128,8 @@ def test_manifest(exported):
         assert info["sha256"] == sha256(out / name) and info["bytes"] == (out / name).stat().st_size
     assert on_disk["tools"]["torch"].startswith("2.13") and "onnx" in on_disk["tools"]
     assert on_disk["export"]["traced_on"] == "meta"
+    # 7 matrices per layer and the lm_head
+    assert on_disk["export"]["passes"] == ["weight transposes folded into the stored weights: 15"]
     assert on_disk["model"]["config"]["num_hidden_layers"] == 2
     assert not list(out.parent.glob(".*partial*"))
 
@@ -184,7 +188,7 @@ def test_fp16_graph_reduces_rmsnorm_statistics_in_fp32(tiny_fp16):
     for node in attention:
         precision = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}.get("softmax_precision")
         assert precision == onnx.TensorProto.FLOAT
-    weights = [t for t in model.graph.initializer if t.name.endswith("q_proj.weight")]
+    weights = [t for t in model.graph.initializer if t.name.endswith("q_proj.weight.T")]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
 
 
