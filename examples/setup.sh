@@ -11,9 +11,14 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 if [ ! -e "$stamp" ]; then
-    echo "setup: installing llama-export${extras:+[$extras]} into $venv (first run only)" >&2
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-    "$venv/bin/python" -m pip install --quiet -e ".${extras:+[$extras]}"
+    log="$venv/install.log"
+    echo "setup: installing llama-export${extras:+[$extras]} into $venv (first run only; log: $log)" >&2
+    if ! { "$venv/bin/python" -m pip install --upgrade pip \
+           && "$venv/bin/python" -m pip install "torch==2.13.0" \
+           && "$venv/bin/python" -m pip install -e ".${extras:+[$extras]}"; } > "$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "setup: installation failed; the full log is $log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi

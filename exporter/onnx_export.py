@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -80,6 +81,8 @@ def trace(config: LlamaConfig, dtype: str, path: Path) -> None:
                "past_key_values": tuple(({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(n)),
                "logits_to_keep": None}
     contract = io_contract(config, dtype)
+    # torch.onnx logs a warning per torchvision operator it cannot register; none of them is used here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
