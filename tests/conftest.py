@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.checkpoint import RandomCheckpoint
 from exporter.config import LlamaConfig
 
 torch.set_num_threads(2)
@@ -101,14 +100,6 @@ def llama_sp_model() -> Path:
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     assert path.is_file(), path
     return path
-
-
-@pytest.fixture
-def random_checkpoint():
-    def make(**overrides) -> RandomCheckpoint:
-        seed = overrides.pop("seed", 0)
-        return RandomCheckpoint(small_config(**overrides), seed=seed)
-    return make
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
