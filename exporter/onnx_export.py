@@ -140,6 +140,23 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.numpy()).cast("B")
 
 
+def _write(data, tensor: torch.Tensor, transpose: bool, block_bytes: int = 64 << 20) -> int:
+    """Write `tensor` (or its transpose) row-major, a block of rows at a time: a transposed copy
+    never exists whole, so the largest tensor is held once. Returns the bytes written."""
+    if not transpose:
+        raw = _raw_bytes(tensor)
+        data.write(raw)
+        return len(raw)
+    rows, cols = tensor.shape  # output row i of the transpose is input column i
+    step = max(1, block_bytes // max(1, rows * tensor.element_size()))
+    written = 0
+    for start in range(0, cols, step):
+        raw = _raw_bytes(tensor[:, start:start + step].t())
+        data.write(raw)
+        written += len(raw)
+    return written
+
+
 def write_weights(path: Path, ckpt: Checkpoint, dtype: str,
                   progress: Callable[[str], None] = lambda name: None) -> tuple[int, int, int]:
     """Stream every weight the graph at `path` reads into `model.onnx.data`.
@@ -166,23 +183,22 @@ def write_weights(path: Path, ckpt: Checkpoint, dtype: str,
             if source not in known:
                 raise ExportError(f"the traced graph needs weight {name!r}, which {ckpt.source} does not have")
             tensor = ckpt.load_as(source, dt)
-            if name in transposed:
-                tensor = tensor.t().contiguous()
-            raw = _raw_bytes(tensor)
-            pad = (-offset) % (ALIGN if len(raw) >= ALIGN else 64)
+            flip = name in transposed
+            size = tensor.numel() * tensor.element_size()
+            pad = (-offset) % (ALIGN if size >= ALIGN else 64)
             data.write(b"\0" * pad)
             offset += pad
-            data.write(raw)
+            length = _write(data, tensor, flip)
             init = proto.graph.initializer.add()
-            init.name = f"{name}.T" if name in transposed else name
+            init.name = f"{name}.T" if flip else name
             init.data_type = ONNX_DTYPES[dt]
-            init.dims.extend(tensor.shape)
+            init.dims.extend(reversed(tensor.shape) if flip else tensor.shape)
             init.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
+            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
                 entry = init.external_data.add()
                 entry.key, entry.value = key, value
-            offset += len(raw)
-            del tensor, raw
+            offset += length
+            del tensor
             progress(name)
     onnx.save(proto, str(path))
     return len(weights), offset, len(transposed)
