@@ -8,7 +8,6 @@ inside the temporary directory).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import platform
 import shutil
@@ -20,6 +19,8 @@ from typing import Callable
 
 import onnx
 
+from runtime.artifact import sha256  # the runtime checks the same digests
+
 from .checkpoint import Checkpoint, expected_tensors
 from .config import LlamaConfig
 from .errors import ExportError
@@ -27,14 +28,6 @@ from .onnx_export import DATA_FILE, OPSET, io_contract, trace, write_weights
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -14,7 +14,7 @@ class ArtifactError(ValueError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -69,7 +69,7 @@ class Artifact:
             if path.stat().st_size != info["bytes"]:
                 raise ArtifactError(f"{path}: {path.stat().st_size} bytes, the manifest says {info['bytes']}; "
                                     f"the file was changed or truncated — re-export the artifact")
-            if check_hashes and _sha256(path) != info["sha256"]:
+            if check_hashes and sha256(path) != info["sha256"]:
                 raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was modified — "
                                     f"re-export the artifact")
         return cls(directory, manifest)
