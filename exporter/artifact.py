@@ -92,10 +92,10 @@ def build_artifact(
         config: LlamaConfig = ckpt.config
         graph = tmp / "model.onnx"
         log(f"tracing {config.num_hidden_layers} layers ({dtype}) on the meta device")
-        trace(config, dtype, graph)
+        proto = trace(config, dtype, graph)
         traced = time.perf_counter()
         step = progress(len(expected_tensors(config))) if progress else (lambda name: None)
-        names, data_bytes, folded = write_weights(graph, ckpt, dtype, step)
+        names, data_bytes, folded = write_weights(proto, graph, ckpt, dtype, step)
         log(f"wrote {data_bytes / 1e9:.2f} GB of weights to {DATA_FILE}")
         onnx.checker.check_model(str(graph), full_check=True)
         (tmp / "config.json").write_text(json.dumps(config.replace(torch_dtype=dtype).to_hf_dict(), indent=2) + "\n")

@@ -118,9 +118,10 @@ class Rotary(nn.Module):
         self.config = config
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq, scaling = rope_parameters(self.config, position_ids.device)
         if self.config.rope_type == "dynamic":
-            inv_freq = dynamic_inv_freq(self.config, position_ids)
+            inv_freq, scaling = dynamic_inv_freq(self.config, position_ids), 1.0
+        else:
+            inv_freq, scaling = rope_parameters(self.config, position_ids.device)
         freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * scaling, emb.sin() * scaling

@@ -62,8 +62,8 @@ class _Flat(torch.nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
-def trace(config: LlamaConfig, dtype: str, path: Path) -> None:
-    """Write the graph (no weights) to `path`, traced with every tensor on the meta device."""
+def trace(config: LlamaConfig, dtype: str, path: Path) -> onnx.ModelProto:
+    """The graph without weights, traced with every tensor on the meta device (`path` is scratch)."""
     dt = torch_dtype(dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dt).eval()
@@ -101,24 +101,20 @@ def trace(config: LlamaConfig, dtype: str, path: Path) -> None:
         for node in proto.graph.node:
             if node.op_type == "Attention":
                 node.attribute.append(onnx.helper.make_attribute("softmax_precision", onnx.TensorProto.FLOAT))
-    onnx.save(proto, str(path))
+    return proto
 
 
 def _graph_weights(proto: onnx.ModelProto) -> list[str]:
     """Names the graph reads that no node, input or initializer defines: the weights to stream in."""
     defined = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
     defined |= {o for node in proto.graph.node for o in node.output}
-    needed: list[str] = []
-    for node in proto.graph.node:
-        for name in node.input:
-            if name and name not in defined and name not in needed:
-                needed.append(name)
-    return needed
+    needed = {name: None for node in proto.graph.node for name in node.input if name and name not in defined}
+    return list(needed)
 
 
 def _transposed_weights(proto: onnx.ModelProto, weights: list[str]) -> dict[str, onnx.NodeProto]:
-    """Weights read only through a 2-D Transpose: written pre-transposed, so the graph has no Transpose
-    for ONNX Runtime to fold at load time (which costs a second copy of every matrix)."""
+    """Weights read only through a 2-D Transpose: written pre-transposed, so the graph carries no
+    Transpose of a constant for a runtime to fold at load time."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in node.input:
@@ -157,13 +153,12 @@ def _write(data, tensor: torch.Tensor, transpose: bool, block_bytes: int = 64 <<
     return written
 
 
-def write_weights(path: Path, ckpt: Checkpoint, dtype: str,
+def write_weights(proto: onnx.ModelProto, path: Path, ckpt: Checkpoint, dtype: str,
                   progress: Callable[[str], None] = lambda name: None) -> tuple[int, int, int]:
-    """Stream every weight the graph at `path` reads into `model.onnx.data`.
+    """Stream every weight `proto` reads into `model.onnx.data` beside `path`, then save the graph there.
 
     Returns (tensors, bytes written, weights stored pre-transposed)."""
     dt = torch_dtype(dtype)
-    proto = onnx.load(str(path))
     known = set(ckpt.names())
     offset = 0
     weights = _graph_weights(proto)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.backends import NUMPY_DTYPES, ort_feed
+
 from .checkpoint import Checkpoint
 from .loading import load_model
-
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def available_memory() -> int:
@@ -32,14 +32,6 @@ def too_large(ckpt: Checkpoint, dtype: str) -> str | None:
     return None
 
 
-def feed(ids, mask, pos, past, keep) -> dict[str, np.ndarray]:
-    out = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
-           "logits_to_keep": np.array(keep, dtype=np.int64)}
-    for i, (k, v) in enumerate(past):
-        out[f"past_key_values.{i}.key"], out[f"past_key_values.{i}.value"] = k, v
-    return out
-
-
 def verify_artifact(directory: Path, ckpt: Checkpoint, dtype: str, prompt_len: int = 8) -> dict:
     """One prefill and one decode step on a short random prompt; max |logit difference| and top-1 agreement."""
     import onnxruntime as ort
@@ -59,7 +51,8 @@ def verify_artifact(directory: Path, ckpt: Checkpoint, dtype: str, prompt_len: i
     mask = torch.ones(1, prompt_len, dtype=torch.long)
     pos = torch.arange(prompt_len)[None]
     empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), NUMPY_DTYPES[dtype])
-    outputs = session.run(None, feed(ids, mask, pos, [(empty, empty)] * c.num_hidden_layers, 0))
+    first = [(empty, empty)] * c.num_hidden_layers
+    outputs = session.run(None, ort_feed(ids.numpy(), mask.numpy(), pos.numpy(), first, 0))
     with torch.no_grad():
         ref_logits, cache = reference(ids, mask, pos)
     diffs = [float(np.abs(outputs[0] - ref_logits.numpy()).max())]
@@ -68,7 +61,7 @@ def verify_artifact(directory: Path, ckpt: Checkpoint, dtype: str, prompt_len: i
     step = ref_logits[:, -1:].argmax(-1)
     mask = torch.ones(1, prompt_len + 1, dtype=torch.long)
     pos = torch.tensor([[prompt_len]])
-    outputs = session.run(None, feed(step, mask, pos, past, 1))
+    outputs = session.run(None, ort_feed(step.numpy(), mask.numpy(), pos.numpy(), past, 1))
     with torch.no_grad():
         ref_logits, _ = reference(step, mask, pos, past_key_values=cache, logits_to_keep=1)
     diffs.append(float(np.abs(outputs[0] - ref_logits.numpy()).max()))

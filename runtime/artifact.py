@@ -32,6 +32,11 @@ class Artifact:
         return self.manifest["model"]["config"]
 
     @property
+    def head_dim(self) -> int:
+        c = self.config
+        return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+
+    @property
     def dtype(self) -> str:
         return self.manifest["dtype"]
 

@@ -12,6 +12,16 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 Past = list[tuple[np.ndarray, np.ndarray]]
 
 
+def ort_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Past,
+             logits_to_keep: int) -> dict[str, np.ndarray]:
+    """The portable graph's inputs by name."""
+    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "logits_to_keep": np.array(logits_to_keep, dtype=np.int64)}
+    for i, (k, v) in enumerate(past):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+    return feed
+
+
 class Backend(Protocol):
     num_layers: int
     kv_heads: int
@@ -43,15 +53,11 @@ class OrtBackend:
         self.session = ort.InferenceSession(str(artifact.graph_path), options, providers=providers)
         c = artifact.config
         self.num_layers, self.kv_heads = c["num_hidden_layers"], c["num_key_value_heads"]
-        self.head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        self.head_dim = artifact.head_dim
         self.cache_dtype = NUMPY_DTYPES[artifact.dtype]
 
     def forward(self, input_ids, attention_mask, position_ids, past, logits_to_keep):
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                "logits_to_keep": np.array(logits_to_keep, dtype=np.int64)}
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
-        out = self.session.run(None, feed)
+        out = self.session.run(None, ort_feed(input_ids, attention_mask, position_ids, past, logits_to_keep))
         return out[0], list(zip(out[1::2], out[2::2]))
 
     def empty_cache(self, batch: int) -> Past:

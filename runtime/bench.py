@@ -97,9 +97,9 @@ def main(directory, backend, batch, prompt_len, gen_len, runs, threads, as_json)
     weights = artifact.manifest["export"]["weights_bytes"]
     if not c.get("tie_word_embeddings"):  # a decode step gathers one embedding row, not the table
         weights -= c["vocab_size"] * c["hidden_size"] * BYTES[artifact.dtype]
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     mean_len = prompt_len + (gen_len + 1) / 2
-    cache = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * BYTES[artifact.dtype] * mean_len * batch
+    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * artifact.head_dim * BYTES[artifact.dtype]
+    cache = kv_bytes_per_token * mean_len * batch
     per_step = weights + cache
     bandwidth = read_bandwidth(threads)
     achieved = per_step * gen_len / decode_s

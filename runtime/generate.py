@@ -108,7 +108,8 @@ class Generation:
                 stream.push(token)
         logits, past, mask, last_pos = prefill(self.backend, [s.prompt for s in seqs])
         for step in range(self.max_new_tokens):
-            tokens = sample(logits, self.params, rng, [s.prompt + s.tokens for s in seqs])
+            seen = [s.prompt + s.tokens for s in seqs] if self.params.repetition_penalty != 1.0 else None
+            tokens = sample(logits, self.params, rng, seen)
             deltas = ["" if seq.finish_reason else self._advance(seq, stream, int(token))
                       for seq, stream, token in zip(seqs, streams, tokens)]
             if step + 1 == self.max_new_tokens:

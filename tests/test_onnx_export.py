@@ -18,7 +18,7 @@ from exporter.checkpoint import RandomCheckpoint
 from exporter.loading import load_model
 from exporter.onnx_export import io_contract
 from exporter.presets import resolve_checkpoint
-from exporter.verify import feed
+from runtime.backends import ort_feed
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 
 ONNX_TYPES = {"float32": 1, "float16": 10, "int64": 7}
@@ -51,7 +51,7 @@ def run_steps(sess, model, config, np_dtype, prefill_keep: int, decode_steps: in
     cache = None
     keep = prefill_keep
     for step in range(decode_steps + 1):
-        out = sess.run(None, feed(ids, mask, pos, past, keep))
+        out = sess.run(None, ort_feed(ids.numpy(), mask.numpy(), pos.numpy(), past, keep))
         with torch.no_grad():
             ref, cache = model(ids, mask, pos, past_key_values=cache, logits_to_keep=keep)
         real = mask[:, -ref.shape[1]:].bool().numpy()
