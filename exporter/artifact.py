@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from typing import Callable
 
 import onnx
 
+from graphs import pipeline
 from runtime.artifact import sha256  # the runtime checks the same digests
 
 from .checkpoint import Checkpoint, expected_tensors
@@ -84,8 +86,13 @@ def build_artifact(
     ckpt: Checkpoint, out_dir: Path, dtype: str, *, force: bool = False, tokenizer: Path | None = None,
     verify: Callable[[Path], dict] | None = None, describe: dict | None = None,
     log: Callable[[str], None] = print, progress: Callable[[int], Callable[[str], None]] | None = None,
+    target: str = "onnx", optimize: bool = False, int8: bool = False,
 ) -> dict:
-    """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir)` runs before publishing."""
+    """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir)` runs before publishing.
+
+    With `optimize`, the traced graph goes through `graphs.pipeline` for `target` (and int8)."""
+    if int8 and not optimize:
+        raise ExportError("--int8 is a graph pass: it needs the optimization pipeline (drop --no-optimize)")
     tmp = prepare_output(out_dir, force)
     try:
         started = time.perf_counter()
@@ -97,7 +104,27 @@ def build_artifact(
         step = progress(len(expected_tensors(config))) if progress else (lambda name: None)
         names, data_bytes, folded = write_weights(proto, graph, ckpt, dtype, step)
         log(f"wrote {data_bytes / 1e9:.2f} GB of weights to {DATA_FILE}")
-        onnx.checker.check_model(str(graph), full_check=True)
+        passes = [{"pass": "weight transposes folded into the stored weights", "changed": folded,
+                   "detail": f"{folded} Transpose nodes removed"}]
+        counts = None
+        try:
+            if optimize:
+                log(f"optimizing for target {target}{' with int8 weights' if int8 else ''}")
+                staged = tmp / ".optimized" / "model.onnx"
+                reports, counts = pipeline.run(graph, staged, target, int8=int8, log=log)
+                os.replace(staged, graph)
+                os.replace(staged.parent / DATA_FILE, tmp / DATA_FILE)
+                staged.parent.rmdir()
+                passes += [r.as_dict() for r in reports]
+                data_bytes = (tmp / DATA_FILE).stat().st_size
+            checked = pipeline.check_target(graph, target)
+            if checked:
+                log(f"  {checked.name}: {checked.detail}")
+                passes.append(checked.as_dict())
+        except pipeline.PassError as err:
+            raise ExportError(str(err)) from None
+        # full_check runs strict shape inference, which knows only standard operators (ort: MatMulNBits)
+        onnx.checker.check_model(str(graph), full_check=not (int8 and target == "ort"))
         (tmp / "config.json").write_text(json.dumps(config.replace(torch_dtype=dtype).to_hf_dict(), indent=2) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
@@ -108,13 +135,15 @@ def build_artifact(
             "model": {**(describe or {}), "config": config.to_hf_dict(), "num_parameters": config.num_parameters()},
             "dtype": dtype,
             "graph": {"file": "model.onnx", "data": DATA_FILE, "opset": OPSET, "flavour": "portable",
-                      "io": io_contract(config, dtype)},
+                      "target": target, "optimized": optimize,
+                      "weights": "int8 weight-only" if int8 else dtype, "io": io_contract(config, dtype),
+                      **({"op_counts": counts} if counts else {})},
             "files": files,
             "tools": _versions(),
             "export": {"traced_on": "meta", "weights_streamed": names, "weights_bytes": data_bytes,
                        "trace_seconds": round(traced - started, 2),
                        "total_seconds": round(time.perf_counter() - started, 2),
-                       "passes": [f"weight transposes folded into the stored weights: {folded}"]},
+                       "passes": passes},
             "verification": verification,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

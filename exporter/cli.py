@@ -29,18 +29,27 @@ def _progress(total: int):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_options
 @dtype_option(None)
-@click.option("--target", type=click.Choice(["onnx"]), default="onnx", show_default=True,
-              help="onnx: the portable graph, standard ONNX with the cache Concat outside attention.")
+@click.option("--target", type=click.Choice(["onnx", "ort", "trt"]), default="onnx", show_default=True,
+              help="Which graph passes run. onnx: standard ONNX opset 23 (RMSNormalization, RotaryEmbedding, GQA "
+                   "Attention with the cache Concat outside, packed qkv and gate/up). trt: the same, checked "
+                   "against TensorRT 11's ONNX-parser rules. ort: the same for ONNX Runtime; int8 as MatMulNBits.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="--no-optimize writes the traced graph as it is (no fusions).")
+@click.option("--int8", is_flag=True,
+              help="Weight-only int8: per-output-channel symmetric int8 weights (DequantizeLinear → MatMul; "
+                   "MatMulNBits for --target ort).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Artifact directory to write [default: out/MODEL-DTYPE].")
 @click.option("--num-layers", type=int, default=None, help="Keep only the first N layers (structure/memory work).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="tokenizer.model to ship in the artifact [default: the checkpoint's].")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (only once the new one is complete).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Run the artifact in ONNX Runtime against the reference model and print the max logit difference.")
-def main(model_name, checkpoint, random_weights, seed, dtype, target, output, num_layers, tokenizer_path, force,
-         verify):
+@click.option("--verify/--no-verify", default=None,
+              help="Run the artifact in ONNX Runtime against the float32 reference model and print the max logit "
+                   "difference. Default: only when both fit in 4 GiB (the export itself stays near 1 GB); "
+                   "--verify checks whenever they fit in 80% of the available memory.")
+def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, int8, output, num_layers,
+         tokenizer_path, force, verify):
     """Export a Llama 2 model to an ONNX artifact directory.
 
     MODEL is a preset (tiny, 7b, 13b, 70b and their -chat versions) or a checkpoint directory. The
@@ -53,14 +62,14 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, output, nu
       llama-export --model tiny --fp32 -o out/tiny
       llama-export --model 13b --fp16                     # from the local Hugging Face cache
       llama-export --checkpoint ./llama-2-7b --fp16       # Meta params.json + consolidated.*.pth
-      llama-export --model 70b --random-weights --num-layers 2 --fp16 --no-verify
+      llama-export --model 70b --random-weights --num-layers 2 --fp16   # ~1 GB peak, not verified
     """
     try:
         started = time.perf_counter()
         ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
         dtype = dtype or ckpt.config.torch_dtype
         name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
-        output = output or Path("out") / f"{name}-{dtype}"
+        output = output or Path("out") / f"{name}-{dtype}{'-int8' if int8 else ''}{'' if target == 'onnx' else '-' + target}"
         tokenizer = find_tokenizer(model_name, checkpoint, tokenizer_path)
         if tokenizer is None:
             click.echo("note: no tokenizer.model found; the artifact will have none (pass --tokenizer PATH)", err=True)
@@ -71,13 +80,13 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, output, nu
 
         def check(directory: Path) -> dict:
             click.echo("verifying in ONNX Runtime against the reference model", err=True)
-            return verify_artifact(directory, ckpt, dtype)
+            return verify_artifact(directory, ckpt, dtype, forced=bool(verify))
 
         manifest = build_artifact(
-            ckpt, output, dtype, force=force, tokenizer=tokenizer, verify=check if verify else None,
+            ckpt, output, dtype, force=force, tokenizer=tokenizer, verify=None if verify is False else check,
             describe={"name": model_name, "source": ckpt.source, "random_weights": random_weights,
                       "num_layers_kept": c.num_hidden_layers},
-            log=lambda msg: click.echo(msg, err=True), progress=_progress,
+            log=lambda msg: click.echo(msg, err=True), progress=_progress, target=target, optimize=optimize, int8=int8,
         )
         result = manifest["verification"]
         if "skipped" in result:

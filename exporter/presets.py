@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .checkpoint import Checkpoint, RandomCheckpoint, open_checkpoint
@@ -59,6 +60,15 @@ def hf_cache_dir(name: str) -> Path:
 def resolve_checkpoint(model: str, checkpoint: str | Path | None = None, random_weights: bool = False,
                        seed: int = 0) -> Checkpoint:
     """MODEL (a preset or a checkpoint directory) and the optional --checkpoint → a lazy reader."""
+    directory = Path(checkpoint) if checkpoint is not None else Path(model) if model not in PRESET_NAMES else None
+    if random_weights and directory is not None and (directory / "config.json").is_file():
+        # random weights need only the shapes: a bare config.json is enough
+        source = directory / "config.json"
+        try:
+            raw = json.loads(source.read_text())
+        except (OSError, ValueError) as err:
+            raise ExportError(f"{source}: cannot read it as JSON ({err})") from None
+        return RandomCheckpoint(LlamaConfig.from_hf_dict(raw, str(source)), seed=seed)
     if checkpoint is not None:
         ckpt = open_checkpoint(checkpoint)
     elif model in PRESET_NAMES:

@@ -129,7 +129,8 @@ def test_manifest(exported):
     assert on_disk["tools"]["torch"].startswith("2.13") and "onnx" in on_disk["tools"]
     assert on_disk["export"]["traced_on"] == "meta"
     # 7 matrices per layer and the lm_head
-    assert on_disk["export"]["passes"] == ["weight transposes folded into the stored weights: 15"]
+    assert on_disk["export"]["passes"] == [{"pass": "weight transposes folded into the stored weights",
+                                            "changed": 15, "detail": "15 Transpose nodes removed"}]
     assert on_disk["model"]["config"]["num_hidden_layers"] == 2
     assert not list(out.parent.glob(".*partial*"))
 
@@ -240,6 +241,7 @@ def leftovers(directory: Path) -> list[str]:
     (["--model", "8b"], "unknown model '8b'"),
     (["--model", "tiny", "--num-layers", "0"], "--num-layers 0 is out of range: the model has 4 layers (use 1..4)"),
     (["--model", "tiny", "--num-layers", "5"], "--num-layers 5 is out of range"),
+    (["--model", "tiny", "--int8", "--no-optimize"], "--int8 is a graph pass: it needs the optimization pipeline"),
 ])
 def test_cli_bad_arguments(tmp_path, args, message):
     result = cli(*args, "-o", str(tmp_path / "out"))
@@ -266,3 +268,21 @@ def test_cli_unconvertible_dtype_leaves_no_partial_artifact(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "'model.layers.1.mlp.down_proj.weight' has dtype torch.int8, which cannot be converted" in result.stderr
     assert leftovers(exports) == []
+
+
+def test_verification_budget():
+    """The automatic check stays within its budget (so the whole command stays bounded); --verify lifts it
+    up to the available memory, and a model that cannot fit twice is never checked."""
+    from exporter.presets import PRESETS
+    from exporter.verify import AUTO_BUDGET, available_memory, too_large, verification_memory
+
+    two_layers = truncate_layers(RandomCheckpoint(PRESETS["13b"]), 2)  # 0.96 B parameters
+    need = verification_memory(two_layers, "float16")
+    assert need > AUTO_BUDGET
+    reason = too_large(two_layers, "float16")
+    assert reason and "pass --verify to check it anyway" in reason and f"{need / 1e9:.1f} GB" in reason
+    if need < 0.8 * available_memory():
+        assert too_large(two_layers, "float16", forced=True) is None
+    whole = RandomCheckpoint(PRESETS["70b"])
+    assert "GB is available" in too_large(whole, "float16", forced=True)
+    assert too_large(RandomCheckpoint(CONFIGS["gqa"]), "float32") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -76,3 +77,13 @@ def test_unknown_model():
 
 def test_tiny_config_is_read_from_assets():
     assert preset_config("tiny") == resolve_checkpoint("tiny").config
+
+
+def test_random_weights_need_only_a_config_json(tmp_path):
+    config = small_config()
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    ckpt = resolve_checkpoint(str(tmp_path), random_weights=True, seed=1)
+    assert isinstance(ckpt, RandomCheckpoint) and ckpt.config == config
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ExportError, match=r"config.json: cannot read it as JSON"):
+        resolve_checkpoint(str(tmp_path), random_weights=True)

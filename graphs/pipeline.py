@@ -1,0 +1,110 @@
+"""The pass pipeline per target: traced portable graph → the graph an engine runs fastest.
+
+The model is loaded with onnx-ir, whose external tensors stay on disk (memory-mapped on demand), so a
+13B/70B graph is rewritten without reading its weights; the passes that make new weights (packing,
+int8) create `ir.LazyTensor`s that are computed one at a time while the result is saved.
+
+Targets (all keep the portable I/O contract: past/present, logits_to_keep, float32 logits):
+- onnx / trt: standard ONNX (opset 23): RMSNormalization, RotaryEmbedding, the traced GQA `Attention`
+  (cache Concat outside, explicit 4-D mask), packed QKV and gate/up; int8 as DequantizeLinear → MatMul.
+  trt additionally must pass `trt_check` (TensorRT 11's parser rules).
+- ort: the same fusions, and int8 as ONNX Runtime's `MatMulNBits` (bits=8).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+from onnxscript import optimizer
+
+from . import trt_check
+from .rules import packed_matmul, rms_norm, rotary, weight_int8
+from .rules._tensors import release
+
+TARGETS = ("onnx", "ort", "trt")
+ALIGN = 4096  # page-aligned external data, so that runtimes can memory-map it
+
+
+class PassError(Exception):
+    """The pipeline cannot produce a valid graph for the target (the message says why and what to do)."""
+
+
+@dataclass
+class PassReport:
+    name: str
+    changed: int
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"pass": self.name, "changed": self.changed, "detail": self.detail}
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    return dict(collections.Counter(node.op_type for node in model.graph).most_common())
+
+
+def _cleanup(model: ir.Model) -> int:
+    before = len(model.graph)
+    optimizer.optimize(model)
+    return before - len(model.graph)
+
+
+def passes(target: str, int8: bool) -> list[tuple[str, Callable[[ir.Model], int], str]]:
+    """(name, function returning how many places it changed, what the count means) in order."""
+    if target not in TARGETS:
+        raise PassError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    steps = [
+        ("constant folding, shape simplification, dead-node removal", _cleanup, "nodes removed"),
+        ("RMSNormalization", rms_norm.apply, "fused"),
+        ("RotaryEmbedding", rotary.apply, "fused"),
+        ("packed projections (qkv, gate/up)", packed_matmul.apply, "groups packed"),
+    ]
+    if int8:
+        form = "matmulnbits" if target == "ort" else "qdq"
+        steps.append((f"int8 weight-only ({weight_int8.OPS[form]})",
+                      lambda m: weight_int8.apply(m, form), "weights quantized"))
+    steps.append(("cleanup", _cleanup, "nodes removed"))
+    return steps
+
+
+def run(src: Path, dst: Path, target: str, *, int8: bool = False,
+        log: Callable[[str], None] = lambda msg: None) -> tuple[list[PassReport], dict[str, int]]:
+    """Rewrite `src` (with its external data) into `dst` + `dst.data-file`; returns the reports and op counts."""
+    model = ir.load(str(src))
+    reports = []
+    for name, fn, unit in passes(target, int8):
+        started = time.perf_counter()
+        changed = fn(model)
+        reports.append(PassReport(name, changed, f"{changed} {unit}"))
+        log(f"  {name}: {changed} {unit} ({time.perf_counter() - started:.1f} s)")
+    counts = op_counts(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = f"{dst.name}.data"
+    log(f"  writing the optimized graph and weights to {dst.name} / {data}")
+    written: list[ir.TensorProtocol] = []
+
+    def unmap_previous(tensor: ir.TensorProtocol, info) -> None:  # called before each tensor is written
+        if written:
+            release(written[-1])
+        written[:] = [tensor]
+
+    ir.save(model, str(dst), external_data=data, alignment=ALIGN, align_threshold=ALIGN, max_workers=1,
+            callback=unmap_previous)
+    return reports, counts
+
+
+def check_target(path: Path, target: str) -> PassReport | None:
+    """The target's import rules (trt: TensorRT 11's ONNX parser), on the graph file without its weights."""
+    if target != "trt":
+        return None
+    problems = trt_check.check(onnx.load(str(path), load_external_data=False))
+    if problems:
+        listed = "\n  ".join(str(p) for p in problems[:20])
+        raise PassError(f"the trt graph breaks {len(problems)} TensorRT 11 parser rule(s):\n  {listed}")
+    return PassReport("TensorRT-compatibility check", 0, "passed")

@@ -1,0 +1,1 @@
+"""One graph rewrite per module; each returns how many places it changed."""

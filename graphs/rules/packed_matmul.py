@@ -1,0 +1,82 @@
+"""Packed projections: MatMuls that read the same activation with constant weights become one MatMul
+on the weights concatenated along their output axis, followed by a Split.
+
+In a Llama layer this packs q/k/v (one `qkv_proj` GEMM/GEMV instead of three) and gate/up (one
+`gateup_proj`; SiLU(gate)·up then reads the two halves of the Split). The packed weight is an
+`ir.LazyTensor` that the save writes a block of rows at a time (a 70B gate/up pair is 940 MB in fp16:
+it is never held whole, and the sources are unmapped after every block).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from ._tensors import RowBlockTensor, release
+
+OP = "Split"  # what a packed group leaves behind
+
+
+def _constant_weight(value: ir.Value | None) -> ir.TensorProtocol | None:
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value if value.shape is not None and value.shape.rank() == 2 else None
+
+
+def _packed_name(names: list[str]) -> str:
+    prefix = os.path.commonprefix(names)
+    suffix = os.path.commonprefix([n[len(prefix):][::-1] for n in names])[::-1]
+    middle = "".join(n[len(prefix):len(n) - len(suffix)] for n in names)
+    return f"{prefix}{middle}{suffix}"
+
+
+def _concat_rows(tensors: list[ir.TensorProtocol], block_bytes: int = 32 << 20) -> Iterator[np.ndarray]:
+    """Row blocks of the column-wise concatenation of `tensors`."""
+    rows, cols = tensors[0].shape[0], sum(t.shape[1] for t in tensors)
+    step = max(1, int(block_bytes // (cols * tensors[0].dtype.itemsize)))
+    for start in range(0, rows, step):
+        yield np.concatenate([t.numpy()[start:start + step] for t in tensors], axis=1)
+        for t in tensors:  # unmap the sources: mapped pages would otherwise stay resident
+            release(t)
+
+
+def apply(model: ir.Model) -> int:
+    graph = model.graph
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "MatMul" and node.domain == "" and _constant_weight(node.inputs[1]) is not None:
+            groups.setdefault(node.inputs[0], []).append(node)
+    packed = 0
+    for group in groups.values():
+        weights = [node.inputs[1] for node in group]
+        first = weights[0].const_value
+        if len(group) < 2 or any(w.const_value.dtype != first.dtype or w.shape[0] != weights[0].shape[0]
+                                 for w in weights):
+            continue
+        sizes = [w.shape[1] for w in weights]
+        tensors = [w.const_value for w in weights]
+        lazy = RowBlockTensor(lambda tensors=tensors: _concat_rows(tensors), first.dtype,
+                              ir.Shape([weights[0].shape[0], sum(sizes)]))
+        weight = ir.Value(name=_packed_name([w.name for w in weights]), shape=lazy.shape,
+                          type=ir.TensorType(first.dtype), const_value=lazy)
+        graph.register_initializer(weight)
+        split_sizes = ir.Value(name=f"{weight.name}.split", shape=ir.Shape([len(sizes)]),
+                               type=ir.TensorType(ir.DataType.INT64),
+                               const_value=ir.tensor(np.array(sizes, dtype=np.int64)))
+        graph.register_initializer(split_sizes)
+        matmul = ir.node("MatMul", [group[0].inputs[0], weight], name=f"{weight.name}/MatMul")
+        split = ir.node("Split", [matmul.outputs[0], split_sizes], attributes={"axis": -1},
+                        num_outputs=len(group), name=f"{weight.name}/Split")
+        for old, new in zip(group, split.outputs):
+            new.shape, new.type, new.name = old.outputs[0].shape, old.outputs[0].type, None
+        graph.insert_before(group[0], [matmul, split])
+        ir.convenience.replace_all_uses_with([n.outputs[0] for n in group], list(split.outputs))
+        graph.remove(group, safe=True)
+        for w in weights:
+            if not w.uses():
+                graph.initializers.pop(w.name)
+        packed += 1
+    return packed
