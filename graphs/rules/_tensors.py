@@ -27,3 +27,16 @@ def release(t: ir.TensorProtocol) -> None:
             t.release()
         except BufferError:
             pass
+
+
+def constant_matrix(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor behind a 2-D constant initializer (a MatMul weight), else None."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value if value.shape is not None and value.shape.rank() == 2 else None
+
+
+def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value

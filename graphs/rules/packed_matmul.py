@@ -15,15 +15,7 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from ._tensors import RowBlockTensor, release
-
-OP = "Split"  # what a packed group leaves behind
-
-
-def _constant_weight(value: ir.Value | None) -> ir.TensorProtocol | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value if value.shape is not None and value.shape.rank() == 2 else None
+from ._tensors import RowBlockTensor, add_initializer, constant_matrix, release
 
 
 def _packed_name(names: list[str]) -> str:
@@ -47,7 +39,7 @@ def apply(model: ir.Model) -> int:
     graph = model.graph
     groups: dict[ir.Value, list[ir.Node]] = {}
     for node in graph:
-        if node.op_type == "MatMul" and node.domain == "" and _constant_weight(node.inputs[1]) is not None:
+        if node.op_type == "MatMul" and node.domain == "" and constant_matrix(node.inputs[1]) is not None:
             groups.setdefault(node.inputs[0], []).append(node)
     packed = 0
     for group in groups.values():
@@ -60,13 +52,8 @@ def apply(model: ir.Model) -> int:
         tensors = [w.const_value for w in weights]
         lazy = RowBlockTensor(lambda tensors=tensors: _concat_rows(tensors), first.dtype,
                               ir.Shape([weights[0].shape[0], sum(sizes)]))
-        weight = ir.Value(name=_packed_name([w.name for w in weights]), shape=lazy.shape,
-                          type=ir.TensorType(first.dtype), const_value=lazy)
-        graph.register_initializer(weight)
-        split_sizes = ir.Value(name=f"{weight.name}.split", shape=ir.Shape([len(sizes)]),
-                               type=ir.TensorType(ir.DataType.INT64),
-                               const_value=ir.tensor(np.array(sizes, dtype=np.int64)))
-        graph.register_initializer(split_sizes)
+        weight = add_initializer(graph, _packed_name([w.name for w in weights]), lazy)
+        split_sizes = add_initializer(graph, f"{weight.name}.split", ir.tensor(np.array(sizes, dtype=np.int64)))
         matmul = ir.node("MatMul", [group[0].inputs[0], weight], name=f"{weight.name}/MatMul")
         split = ir.node("Split", [matmul.outputs[0], split_sizes], attributes={"axis": -1},
                         num_outputs=len(group), name=f"{weight.name}/Split")

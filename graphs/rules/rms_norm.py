@@ -8,8 +8,6 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter.rules.fusion import _rms_normalization
 
-OP = "RMSNormalization"
-
 
 def apply(model: ir.Model) -> int:
     return _rms_normalization.fuse_rms_normalization(model)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
-OP = "RotaryEmbedding"
-
 
 class RotateHalfRope(pattern.RewriteRuleClassBase):
     def __init__(self, cast: bool):

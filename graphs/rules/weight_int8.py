@@ -16,79 +16,89 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._tensors import release
+from ._tensors import add_initializer, constant_matrix, release
 
 OPS = {"qdq": "DequantizeLinear", "matmulnbits": "MatMulNBits"}
 
 
-def quantize(w: np.ndarray, block_bytes: int = 32 << 20) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 q [K, N], float32 scale [N]) with W ≈ q * scale, computed a block of rows at a time so that
-    no float32 copy of a large weight exists."""
-    k, n = w.shape
-    rows = max(1, block_bytes // (4 * n))
-    peak = np.zeros(n, np.float32)
-    for start in range(0, k, rows):
-        np.maximum(peak, np.abs(w[start:start + rows].astype(np.float32)).max(axis=0), out=peak)
-    scale = np.where(peak == 0, 1.0, peak / 127.0).astype(np.float32)
-    q = np.empty((k, n), np.int8)
-    for start in range(0, k, rows):
-        q[start:start + rows] = np.clip(np.rint(w[start:start + rows].astype(np.float32) / scale), -127, 127)
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _row_blocks(w: np.ndarray, block_bytes: int = 32 << 20):
+    """Float32 copies of `w`'s rows, a block at a time: no float32 copy of a large weight exists whole."""
+    rows = max(1, block_bytes // (4 * w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        yield start, w[start:start + rows].astype(np.float32)
+
+
+def scales(w: np.ndarray) -> np.ndarray:
+    """float32 scale [N]: max_k |W[k, n]| / 127 (1 for an all-zero column)."""
+    peak = np.zeros(w.shape[1], np.float32)
+    for _, block in _row_blocks(w):
+        np.maximum(peak, np.abs(block).max(axis=0), out=peak)
+    return np.where(peak == 0, 1.0, peak / 127.0).astype(np.float32)
+
+
+def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 q [K, N], float32 scale [N]) with W ≈ q * scale."""
+    scale = scales(w)
+    q = np.empty(w.shape, np.int8)
+    for start, block in _row_blocks(w):
+        q[start:start + len(block)] = np.clip(np.rint(block / scale), -127, 127)
     return q, scale
 
 
-def _quantized(t: ir.TensorProtocol) -> tuple[np.ndarray, np.ndarray]:
+def _read(t: ir.TensorProtocol, fn):
+    """`fn` of the weight's array, unmapping it afterwards."""
     try:
-        return quantize(t.numpy())
+        return fn(t.numpy())
     finally:
         release(t)
 
 
 def _weight(value: ir.Value | None) -> ir.TensorProtocol | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    ok = value.shape is not None and value.shape.rank() == 2 and value.const_value.dtype in (
-        ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-    return value.const_value if ok else None
-
-
-def _initializer(graph: ir.Graph, name: str, lazy: ir.LazyTensor) -> ir.Value:
-    value = ir.Value(name=name, shape=lazy.shape, type=ir.TensorType(lazy.dtype), const_value=lazy)
-    graph.register_initializer(value)
-    return value
+    t = constant_matrix(value)
+    return t if t is not None and t.dtype in FLOATS else None
 
 
 def _qdq(graph: ir.Graph, node: ir.Node, w: ir.Value) -> None:
     t = w.const_value
     k, n = w.shape
-    q = _initializer(graph, f"{w.name}.int8", ir.LazyTensor(
-        lambda: ir.tensor(_quantized(t)[0]), dtype=ir.DataType.INT8, shape=ir.Shape([k, n])))
-    scale = _initializer(graph, f"{w.name}.scale", ir.LazyTensor(
-        lambda: ir.tensor(_quantized(t)[1].astype(t.dtype.numpy())), dtype=t.dtype, shape=ir.Shape([n])))
+    q = add_initializer(graph, f"{w.name}.int8", ir.LazyTensor(
+        lambda: ir.tensor(_read(t, quantize)[0]), dtype=ir.DataType.INT8, shape=ir.Shape([k, n])))
+    scale = add_initializer(graph, f"{w.name}.scale", ir.LazyTensor(  # one read pass, no quantizing
+        lambda: ir.tensor(_read(t, scales).astype(t.dtype.numpy())), dtype=t.dtype, shape=ir.Shape([n])))
     dq = ir.node("DequantizeLinear", [q, scale], attributes={"axis": 1}, name=f"{w.name}/DequantizeLinear")
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(t.dtype), ir.Shape([k, n])
     graph.insert_before(node, dq)
     node.replace_input_with(1, dq.outputs[0])
 
 
-def _nbits_blocks(t: ir.TensorProtocol, block: int) -> tuple[np.ndarray, np.ndarray]:
-    q, scale = _quantized(t)
+def _nbits_weight(t: ir.TensorProtocol, block: int) -> np.ndarray:
+    """uint8 [N, blocks, block]: the int8 values + 128, K padded with zeros to whole blocks."""
+    q = _read(t, quantize)[0]
     k, n = q.shape
     blocks = -(-k // block)
     padded = np.zeros((blocks * block, n), np.int16)
     padded[:k] = q
-    packed = (padded.T.reshape(n, blocks, block) + 128).astype(np.uint8)
-    return packed, np.repeat(scale[:, None], blocks, axis=1).astype(t.dtype.numpy())
+    return (padded.T.reshape(n, blocks, block) + 128).astype(np.uint8)
+
+
+def _nbits_scales(t: ir.TensorProtocol, block: int) -> np.ndarray:
+    """[N, blocks]: every block of a column carries the column's scale."""
+    blocks = -(-t.shape[0] // block)
+    return np.repeat(_read(t, scales)[:, None], blocks, axis=1).astype(t.dtype.numpy())
 
 
 def _matmulnbits(graph: ir.Graph, node: ir.Node, w: ir.Value, block: int) -> ir.Node:
     t = w.const_value
     k, n = w.shape
     blocks = -(-k // block)
-    b = _initializer(graph, f"{w.name}.q8", ir.LazyTensor(
-        lambda: ir.tensor(_nbits_blocks(t, block)[0]), dtype=ir.DataType.UINT8, shape=ir.Shape([n, blocks, block])))
-    scales = _initializer(graph, f"{w.name}.scales", ir.LazyTensor(
-        lambda: ir.tensor(_nbits_blocks(t, block)[1]), dtype=t.dtype, shape=ir.Shape([n, blocks])))
-    fused = ir.node("MatMulNBits", [node.inputs[0], b, scales], domain="com.microsoft",
+    b = add_initializer(graph, f"{w.name}.q8", ir.LazyTensor(
+        lambda: ir.tensor(_nbits_weight(t, block)), dtype=ir.DataType.UINT8, shape=ir.Shape([n, blocks, block])))
+    block_scales = add_initializer(graph, f"{w.name}.scales", ir.LazyTensor(
+        lambda: ir.tensor(_nbits_scales(t, block)), dtype=t.dtype, shape=ir.Shape([n, blocks])))
+    fused = ir.node("MatMulNBits", [node.inputs[0], b, block_scales], domain="com.microsoft",
                     attributes={"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": 4},
                     name=f"{w.name}/MatMulNBits")
     out = fused.outputs[0]
