@@ -82,17 +82,26 @@ def publish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _weights_label(dtype: str, int8: bool, smoothquant: pipeline.SmoothQuant | None) -> str:
+    if smoothquant is not None:
+        return f"int8 SmoothQuant W8A8 (alpha {smoothquant.alpha})"
+    return "int8 weight-only" if int8 else dtype
+
+
 def build_artifact(
     ckpt: Checkpoint, out_dir: Path, dtype: str, *, force: bool = False, tokenizer: Path | None = None,
     verify: Callable[[Path], dict] | None = None, describe: dict | None = None,
     log: Callable[[str], None] = print, progress: Callable[[int], Callable[[str], None]] | None = None,
     target: str = "onnx", optimize: bool = False, int8: bool = False,
+    smoothquant: pipeline.SmoothQuant | None = None,
 ) -> dict:
     """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir)` runs before publishing.
 
     With `optimize`, the traced graph goes through `graphs.pipeline` for `target` (and int8)."""
     if int8 and not optimize:
         raise ExportError("--int8 is a graph pass: it needs the optimization pipeline (drop --no-optimize)")
+    if smoothquant is not None and not int8:
+        raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
     tmp = prepare_output(out_dir, force)
     try:
         started = time.perf_counter()
@@ -109,9 +118,10 @@ def build_artifact(
         counts = None
         try:
             if optimize:
-                log(f"optimizing for target {target}{' with int8 weights' if int8 else ''}")
+                log(f"optimizing for target {target}{' with int8 weights' if int8 else ''}"
+                    f"{' and activations (SmoothQuant)' if smoothquant else ''}")
                 staged = tmp / ".optimized" / "model.onnx"
-                reports, counts = pipeline.run(graph, staged, target, int8=int8, log=log)
+                reports, counts = pipeline.run(graph, staged, target, int8=int8, smoothquant=smoothquant, log=log)
                 os.replace(staged, graph)
                 os.replace(staged.parent / DATA_FILE, tmp / DATA_FILE)
                 staged.parent.rmdir()
@@ -137,7 +147,7 @@ def build_artifact(
             "dtype": dtype,
             "graph": {"file": "model.onnx", "data": DATA_FILE, "opset": OPSET, "flavour": "portable",
                       "target": target, "optimized": optimize,
-                      "weights": "int8 weight-only" if int8 else dtype, "io": io_contract(config, dtype),
+                      "weights": _weights_label(dtype, int8, smoothquant), "io": io_contract(config, dtype),
                       **({"op_counts": counts} if counts else {})},
             "files": files,
             "tools": _versions(),

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from graphs import pipeline
+
+from . import calibration as calibration_text
 from .artifact import build_artifact, truncate_layers
 from .cli_options import dtype_option, model_options
 from .errors import ExportError
@@ -38,6 +41,18 @@ def _progress(total: int):
 @click.option("--int8", is_flag=True,
               help="Weight-only int8: per-output-channel symmetric int8 weights (DequantizeLinear → MatMul; "
                    "MatMulNBits for --target ort).")
+@click.option("--smoothquant", is_flag=True,
+              help="With --int8: SmoothQuant W8A8, int8 activations too (Q/DQ pairs with constant scales). "
+                   "Activation outliers move into the weights by per-channel factors folded into the RMSNorm "
+                   "scales and the up projection; scales come from running --calibration text through the graph "
+                   "in ONNX Runtime.")
+@click.option("--smoothquant-alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Migration strength α: s = peak|x|^α / peak|W|^(1-α).")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="UTF-8 text for --smoothquant calibration [default: the bundled 200 KB sample of English "
+                   "technical prose]. Use text like what the model will serve.")
+@click.option("--calibration-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="How many tokens of --calibration text to run (sequences of up to 512).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Artifact directory to write [default: out/MODEL-DTYPE].")
 @click.option("--num-layers", type=int, default=None, help="Keep only the first N layers (structure/memory work).")
@@ -48,8 +63,8 @@ def _progress(total: int):
               help="Run the artifact in ONNX Runtime against the float32 reference model and print the max logit "
                    "difference. Default: only when both fit in 4 GiB (the export itself stays near 1 GB); "
                    "--verify checks whenever they fit in 80% of the available memory.")
-def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, int8, output, num_layers,
-         tokenizer_path, force, verify):
+def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, int8, smoothquant,
+         smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path, force, verify):
     """Export a Llama 2 model to an ONNX artifact directory.
 
     MODEL is a preset (tiny, 7b, 13b, 70b and their -chat versions) or a checkpoint directory. The
@@ -63,17 +78,28 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
       llama-export --model 13b --fp16                     # from the local Hugging Face cache
       llama-export --checkpoint ./llama-2-7b --fp16       # Meta params.json + consolidated.*.pth
       llama-export --model 70b --random-weights --num-layers 2 --fp16   # ~1 GB peak, not verified
+      llama-export --model tiny --int8 --smoothquant --target trt  # W8A8 for TensorRT
     """
     try:
         started = time.perf_counter()
         ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
         dtype = dtype or ckpt.config.torch_dtype
         name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
-        output = output or Path("out") / f"{name}-{dtype}{'-int8' if int8 else ''}{'' if target == 'onnx' else '-' + target}"
+        quant = "-w8a8" if smoothquant else "-int8" if int8 else ""
+        output = output or Path("out") / f"{name}-{dtype}{quant}{'' if target == 'onnx' else '-' + target}"
         tokenizer = find_tokenizer(model_name, checkpoint, tokenizer_path)
         if tokenizer is None:
             click.echo("note: no tokenizer.model found; the artifact will have none (pass --tokenizer PATH)", err=True)
         c = ckpt.config
+        smooth = None
+        if smoothquant:
+            if not int8:
+                raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
+            text = calibration or calibration_text.DEFAULT_TEXT
+            length = min(512, c.max_position_embeddings)
+            smooth = pipeline.SmoothQuant(calibration_text.sequences(tokenizer, text, calibration_tokens, length),
+                                          smoothquant_alpha, log=lambda msg: click.echo(msg, err=True))
+            click.echo(f"SmoothQuant calibrates on {calibration_tokens} tokens of {text}", err=True)
         click.echo(f"{ckpt.source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads "
                    f"{c.num_attention_heads}/{c.num_key_value_heads}, {c.num_parameters() / 1e9:.3f} B parameters",
                    err=True)
@@ -87,6 +113,7 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
             describe={"name": model_name, "source": ckpt.source, "random_weights": random_weights,
                       "num_layers_kept": c.num_hidden_layers},
             log=lambda msg: click.echo(msg, err=True), progress=_progress, target=target, optimize=optimize, int8=int8,
+            smoothquant=smooth,
         )
         result = manifest["verification"]
         if "skipped" in result:

@@ -9,22 +9,27 @@ Targets (all keep the portable I/O contract: past/present, logits_to_keep, float
   (cache Concat outside, explicit 4-D mask), packed QKV and gate/up; int8 as DequantizeLinear → MatMul.
   trt additionally must pass `trt_check` (TensorRT 11's parser rules).
 - ort: the same fusions, and int8 as ONNX Runtime's `MatMulNBits` (bits=8).
+SmoothQuant W8A8 (every target) calibrates on token sequences in ONNX Runtime, then writes Q/DQ pairs on
+the activations and int8 → DequantizeLinear on the smoothed weights.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
+import numpy as np
 
 import onnx
 import onnx_ir as ir
 from onnxscript import optimizer
 
-from . import trt_check
-from .rules import packed_matmul, rms_norm, rotary, weight_int8
+from . import calibrate, trt_check
+from .rules import packed_matmul, rms_norm, rotary, smooth_quant, weight_int8
 from .rules._tensors import release
 
 TARGETS = ("onnx", "ort", "trt")
@@ -33,6 +38,16 @@ ALIGN = 4096  # page-aligned external data, so that runtimes can memory-map it
 
 class PassError(Exception):
     """The pipeline cannot produce a valid graph for the target (the message says why and what to do)."""
+
+
+@dataclass
+class SmoothQuant:
+    """W8A8 settings: calibration token sequences (int64 [1, T] each) and the migration strength α."""
+    sequences: Sequence[np.ndarray]
+    alpha: float = 0.5
+    scratch: Path | None = None  # where the calibration copy of the graph goes (default: next to dst)
+    threads: int = 0
+    log: Callable[[str], None] = field(default=lambda msg: None)
 
 
 @dataclass
@@ -55,7 +70,8 @@ def _cleanup(model: ir.Model) -> int:
     return before - len(model.graph)
 
 
-def passes(target: str, int8: bool) -> list[tuple[str, Callable[[ir.Model], int], str]]:
+def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None,
+           ) -> list[tuple[str, Callable[[ir.Model], int], str]]:
     """(name, function returning how many places it changed, what the count means) in order."""
     if target not in TARGETS:
         raise PassError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
@@ -65,7 +81,16 @@ def passes(target: str, int8: bool) -> list[tuple[str, Callable[[ir.Model], int]
         ("RotaryEmbedding", rotary.apply, "fused"),
         ("packed projections (qkv, gate/up)", packed_matmul.apply, "groups packed"),
     ]
-    if int8:
+    if smoothquant is not None:
+        sq = smoothquant
+
+        def smooth(model: ir.Model) -> int:
+            return smooth_quant.apply(model, lambda m, values: calibrate.channel_peaks(
+                m, values, sq.sequences, sq.scratch, sq.threads, sq.log), sq.alpha)
+        tokens = sum(ids.shape[-1] for ids in sq.sequences)
+        steps.append((f"SmoothQuant W8A8 (alpha {sq.alpha}, {tokens} calibration tokens)", smooth,
+                      "MatMuls quantized"))
+    elif int8:
         form = "matmulnbits" if target == "ort" else "qdq"
         steps.append((f"int8 weight-only ({weight_int8.OPS[form]})",
                       lambda m: weight_int8.apply(m, form), "weights quantized"))
@@ -73,18 +98,20 @@ def passes(target: str, int8: bool) -> list[tuple[str, Callable[[ir.Model], int]
     return steps
 
 
-def run(src: Path, dst: Path, target: str, *, int8: bool = False,
+def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: SmoothQuant | None = None,
         log: Callable[[str], None] = lambda msg: None) -> tuple[list[PassReport], dict[str, int]]:
     """Rewrite `src` (with its external data) into `dst` + `dst.data-file`; returns the reports and op counts."""
     model = ir.load(str(src))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if smoothquant is not None and smoothquant.scratch is None:
+        smoothquant = dataclasses.replace(smoothquant, scratch=dst.parent)
     reports = []
-    for name, fn, unit in passes(target, int8):
+    for name, fn, unit in passes(target, int8, smoothquant):
         started = time.perf_counter()
         changed = fn(model)
         reports.append(PassReport(name, changed, f"{changed} {unit}"))
         log(f"  {name}: {changed} {unit} ({time.perf_counter() - started:.1f} s)")
     counts = op_counts(model)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     data = f"{dst.name}.data"
     log(f"  writing the optimized graph and weights to {dst.name} / {data}")
     written: list[ir.TensorProtocol] = []

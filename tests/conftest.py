@@ -103,3 +103,15 @@ def llama_sp_model() -> Path:
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def heldout_ids():
+    """1024 tokens of the trained `tiny` preset's held-out text, [1, 1024]."""
+    import numpy as np
+
+    from exporter.presets import TINY_DIR
+    from runtime.tokenizer import LlamaTokenizer
+
+    tok = LlamaTokenizer(TINY_DIR / "tokenizer.model")
+    return np.array([tok.encode((TINY_DIR / "heldout.txt").read_text()[:20000])[:1024]])

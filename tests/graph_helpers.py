@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+import torch
 
 from exporter.artifact import build_artifact
 from exporter.checkpoint import RandomCheckpoint
@@ -64,3 +66,12 @@ def assert_same_outputs(before: Path, after: Path, tolerance: float = 1e-5, np_d
             assert diff <= tolerance, f"output differs by {diff:.3g} × its scale"
             worst = max(worst, diff)
     return worst
+
+
+def perplexity(directory, ids) -> tuple[float, np.ndarray]:
+    """Perplexity of the artifact in `directory` (ORT, optimizations on) on `ids`, and its top-1 per position."""
+    empty = np.zeros((1, 4, 0, 32), np.float32)
+    feed = ort_feed(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], [(empty, empty)] * 4, 0)
+    logits = run(directory / "model.onnx", feed, optimized=True)[0][0]
+    nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:-1]), torch.from_numpy(ids[0, 1:])).item()
+    return math.exp(nll), logits.argmax(-1)

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-import torch
 
 from exporter.artifact import build_artifact
-from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.presets import resolve_checkpoint
 from graphs import pipeline, trt_check
 from graphs.rules import weight_int8
-from runtime.backends import ort_feed
-from runtime.tokenizer import LlamaTokenizer
-from graph_helpers import assert_same_outputs, feeds, run, save, traced
+from graph_helpers import assert_same_outputs, feeds, perplexity, run, save, traced
 
 
 def test_quantize_is_symmetric_per_output_channel():
@@ -46,20 +41,6 @@ def test_qdq_and_matmulnbits_forms_agree(tmp_path):
     for feed in feeds():
         ref, ours = run(before, feed)[0], run(forms["qdq"], feed)[0]
         assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
-
-
-@pytest.fixture(scope="module")
-def heldout_ids():
-    tok = LlamaTokenizer(TINY_DIR / "tokenizer.model")
-    return np.array([tok.encode((TINY_DIR / "heldout.txt").read_text()[:20000])[:1024]])
-
-
-def perplexity(directory, ids) -> tuple[float, np.ndarray]:
-    empty = np.zeros((1, 4, 0, 32), np.float32)
-    feed = ort_feed(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], [(empty, empty)] * 4, 0)
-    logits = run(directory / "model.onnx", feed, optimized=True)[0][0]
-    nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:-1]), torch.from_numpy(ids[0, 1:])).item()
-    return math.exp(nll), logits.argmax(-1)
 
 
 @pytest.mark.parametrize("target", ["trt", "ort"])

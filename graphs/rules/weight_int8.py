@@ -13,6 +13,8 @@ Both quantized tensors are `ir.LazyTensor`s computed from one weight when the mo
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -48,7 +50,7 @@ def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def _read(t: ir.TensorProtocol, fn):
+def read_weight(t: ir.TensorProtocol, fn):
     """`fn` of the weight's array, unmapping it afterwards."""
     try:
         return fn(t.numpy())
@@ -56,18 +58,21 @@ def _read(t: ir.TensorProtocol, fn):
         release(t)
 
 
-def _weight(value: ir.Value | None) -> ir.TensorProtocol | None:
+def float_weight(value: ir.Value | None) -> ir.TensorProtocol | None:
     t = constant_matrix(value)
     return t if t is not None and t.dtype in FLOATS else None
 
 
-def _qdq(graph: ir.Graph, node: ir.Node, w: ir.Value) -> None:
+def qdq(graph: ir.Graph, node: ir.Node, w: ir.Value, read: Callable[[Callable], Any] | None = None) -> None:
+    """Make `node` read its weight `w` as int8 → DequantizeLinear(axis=1). `read(fn)` gives `fn` of the
+    weight's array (default: `w`'s own tensor; SmoothQuant passes its rescaled weight)."""
     t = w.const_value
+    read = read or (lambda fn: read_weight(t, fn))
     k, n = w.shape
     q = add_initializer(graph, f"{w.name}.int8", ir.LazyTensor(
-        lambda: ir.tensor(_read(t, quantize)[0]), dtype=ir.DataType.INT8, shape=ir.Shape([k, n])))
+        lambda: ir.tensor(read(quantize)[0]), dtype=ir.DataType.INT8, shape=ir.Shape([k, n])))
     scale = add_initializer(graph, f"{w.name}.scale", ir.LazyTensor(  # one read pass, no quantizing
-        lambda: ir.tensor(_read(t, scales).astype(t.dtype.numpy())), dtype=t.dtype, shape=ir.Shape([n])))
+        lambda: ir.tensor(read(scales).astype(t.dtype.numpy())), dtype=t.dtype, shape=ir.Shape([n])))
     dq = ir.node("DequantizeLinear", [q, scale], attributes={"axis": 1}, name=f"{w.name}/DequantizeLinear")
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(t.dtype), ir.Shape([k, n])
     graph.insert_before(node, dq)
@@ -76,7 +81,7 @@ def _qdq(graph: ir.Graph, node: ir.Node, w: ir.Value) -> None:
 
 def _nbits_weight(t: ir.TensorProtocol, block: int) -> np.ndarray:
     """uint8 [N, blocks, block]: the int8 values + 128, K padded with zeros to whole blocks."""
-    q = _read(t, quantize)[0]
+    q = read_weight(t, quantize)[0]
     k, n = q.shape
     blocks = -(-k // block)
     padded = np.zeros((blocks * block, n), np.int16)
@@ -87,7 +92,7 @@ def _nbits_weight(t: ir.TensorProtocol, block: int) -> np.ndarray:
 def _nbits_scales(t: ir.TensorProtocol, block: int) -> np.ndarray:
     """[N, blocks]: every block of a column carries the column's scale."""
     blocks = -(-t.shape[0] // block)
-    return np.repeat(_read(t, scales)[:, None], blocks, axis=1).astype(t.dtype.numpy())
+    return np.repeat(read_weight(t, scales)[:, None], blocks, axis=1).astype(t.dtype.numpy())
 
 
 def _matmulnbits(graph: ir.Graph, node: ir.Node, w: ir.Value, block: int) -> ir.Node:
@@ -118,11 +123,11 @@ def apply(model: ir.Model, form: str = "qdq", block_size: int = 32) -> int:
     graph = model.graph
     done = 0
     for node in list(graph):
-        if node.op_type != "MatMul" or node.domain != "" or _weight(node.inputs[1]) is None:
+        if node.op_type != "MatMul" or node.domain != "" or float_weight(node.inputs[1]) is None:
             continue
         w = node.inputs[1]
         if form == "qdq":
-            _qdq(graph, node, w)
+            qdq(graph, node, w)
         else:
             _matmulnbits(graph, node, w, block_size)
             model.opset_imports.setdefault("com.microsoft", 1)
