@@ -90,18 +90,26 @@ def _weights_label(dtype: str, int8: bool, smoothquant: pipeline.SmoothQuant | N
 
 def build_artifact(
     ckpt: Checkpoint, out_dir: Path, dtype: str, *, force: bool = False, tokenizer: Path | None = None,
-    verify: Callable[[Path], dict] | None = None, describe: dict | None = None,
+    verify: Callable[[Path, dict], dict] | None = None, describe: dict | None = None,
     log: Callable[[str], None] = print, progress: Callable[[int], Callable[[str], None]] | None = None,
     target: str = "onnx", optimize: bool = False, int8: bool = False,
-    smoothquant: pipeline.SmoothQuant | None = None,
+    smoothquant: pipeline.SmoothQuant | None = None, max_seq: int | None = None,
 ) -> dict:
-    """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir)` runs before publishing.
+    """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir, manifest)` runs before publishing.
 
     With `optimize`, the traced graph goes through `graphs.pipeline` for `target` (and int8)."""
     if int8 and not optimize:
         raise ExportError("--int8 is a graph pass: it needs the optimization pipeline (drop --no-optimize)")
     if smoothquant is not None and not int8:
         raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
+    if max_seq is not None:
+        if not optimize:
+            raise ExportError("--kv-cache static is a graph pass: it needs the optimization pipeline "
+                              "(drop --no-optimize)")
+        limit = ckpt.config.max_position_embeddings
+        if not 1 <= max_seq <= limit:
+            raise ExportError(f"--max-seq-len {max_seq} is out of range: the model has {limit} positions "
+                              f"(use 1..{limit})")
     tmp = prepare_output(out_dir, force)
     try:
         started = time.perf_counter()
@@ -121,7 +129,8 @@ def build_artifact(
                 log(f"optimizing for target {target}{' with int8 weights' if int8 else ''}"
                     f"{' and activations (SmoothQuant)' if smoothquant else ''}")
                 staged = tmp / ".optimized" / "model.onnx"
-                reports, counts = pipeline.run(graph, staged, target, int8=int8, smoothquant=smoothquant, log=log)
+                reports, counts = pipeline.run(graph, staged, target, int8=int8, smoothquant=smoothquant,
+                                               max_seq=max_seq, log=log)
                 os.replace(staged, graph)
                 os.replace(staged.parent / DATA_FILE, tmp / DATA_FILE)
                 staged.parent.rmdir()
@@ -134,29 +143,28 @@ def build_artifact(
         except pipeline.PassError as err:
             raise ExportError(str(err)) from None
         # full_check runs strict shape inference, which knows only standard operators (not ORT's contrib ops)
-        domains = {o.domain for o in onnx.load(str(graph), load_external_data=False).opset_import}
-        onnx.checker.check_model(str(graph), full_check=domains <= {"", "ai.onnx"})
+        opsets = {o.domain: o.version for o in onnx.load(str(graph), load_external_data=False).opset_import}
+        onnx.checker.check_model(str(graph), full_check=set(opsets) <= {"", "ai.onnx"})
         (tmp / "config.json").write_text(json.dumps(config.replace(torch_dtype=dtype).to_hf_dict(), indent=2) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        verification = verify(tmp) if verify else {"skipped": "--no-verify"}
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
             "model": {**(describe or {}), "config": config.to_hf_dict(), "num_parameters": config.num_parameters()},
             "dtype": dtype,
-            "graph": {"file": "model.onnx", "data": DATA_FILE, "opset": OPSET, "flavour": "portable",
+            "graph": {"file": "model.onnx", "data": DATA_FILE, "opset": opsets.get("", OPSET),
+                      "flavour": "static" if max_seq else "portable",
+                      **({"max_sequence_length": max_seq} if max_seq else {}),
                       "target": target, "optimized": optimize,
-                      "weights": _weights_label(dtype, int8, smoothquant), "io": io_contract(config, dtype),
+                      "weights": _weights_label(dtype, int8, smoothquant), "io": io_contract(config, dtype, max_seq),
                       **({"op_counts": counts} if counts else {})},
-            "files": files,
             "tools": _versions(),
             "export": {"traced_on": "meta", "weights_streamed": names, "weights_bytes": data_bytes,
-                       "trace_seconds": round(traced - started, 2),
-                       "total_seconds": round(time.perf_counter() - started, 2),
-                       "passes": passes},
-            "verification": verification,
+                       "trace_seconds": round(traced - started, 2), "passes": passes},
         }
+        manifest["verification"] = verify(tmp, manifest) if verify else {"skipped": "--no-verify"}
+        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest["export"]["total_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         publish(tmp, out_dir)
         return manifest

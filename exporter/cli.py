@@ -38,6 +38,13 @@ def _progress(total: int):
                    "against TensorRT 11's ONNX-parser rules. ort: the same for ONNX Runtime; int8 as MatMulNBits.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="--no-optimize writes the traced graph as it is (no fusions).")
+@click.option("--kv-cache", type=click.Choice(["portable", "static"]), default="portable", show_default=True,
+              help="portable: past/present that grow by Concat (any runtime). static: fixed buffers of --max-seq-len "
+                   "slots written by opset-24 TensorScatter, each present output aliasing its past input (TensorRT's "
+                   "KV-cache update; ONNX Runtime updates it in place), attention masked by length.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Slots of the static cache (prompt + generated tokens) [default: the model's "
+                   "max_position_embeddings].")
 @click.option("--int8", is_flag=True,
               help="Weight-only int8: per-output-channel symmetric int8 weights (DequantizeLinear → MatMul; "
                    "MatMulNBits for --target ort).")
@@ -63,8 +70,9 @@ def _progress(total: int):
               help="Run the artifact in ONNX Runtime against the float32 reference model and print the max logit "
                    "difference. Default: only when both fit in 4 GiB (the export itself stays near 1 GB); "
                    "--verify checks whenever they fit in 80% of the available memory.")
-def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, int8, smoothquant,
-         smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path, force, verify):
+def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, kv_cache, max_seq_len, int8,
+         smoothquant, smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path, force,
+         verify):
     """Export a Llama 2 model to an ONNX artifact directory.
 
     MODEL is a preset (tiny, 7b, 13b, 70b and their -chat versions) or a checkpoint directory. The
@@ -79,6 +87,7 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
       llama-export --checkpoint ./llama-2-7b --fp16       # Meta params.json + consolidated.*.pth
       llama-export --model 70b --random-weights --num-layers 2 --fp16   # ~1 GB peak, not verified
       llama-export --model tiny --int8 --smoothquant --target trt  # W8A8 for TensorRT
+      llama-export --model tiny --kv-cache static --max-seq-len 1024  # in-place cache updates
     """
     try:
         started = time.perf_counter()
@@ -86,11 +95,15 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
         dtype = dtype or ckpt.config.torch_dtype
         name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
         quant = "-w8a8" if smoothquant else "-int8" if int8 else ""
-        output = output or Path("out") / f"{name}-{dtype}{quant}{'' if target == 'onnx' else '-' + target}"
+        flavour = "-static" if kv_cache == "static" else ""
+        output = output or Path("out") / f"{name}-{dtype}{quant}{flavour}{'' if target == 'onnx' else '-' + target}"
         tokenizer = find_tokenizer(model_name, checkpoint, tokenizer_path)
         if tokenizer is None:
             click.echo("note: no tokenizer.model found; the artifact will have none (pass --tokenizer PATH)", err=True)
         c = ckpt.config
+        if max_seq_len is not None and kv_cache != "static":
+            raise ExportError("--max-seq-len sizes the static cache: pass it with --kv-cache static")
+        max_seq = (max_seq_len or c.max_position_embeddings) if kv_cache == "static" else None
         smooth = None
         if smoothquant:
             if not int8:
@@ -104,16 +117,16 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
                    f"{c.num_attention_heads}/{c.num_key_value_heads}, {c.num_parameters() / 1e9:.3f} B parameters",
                    err=True)
 
-        def check(directory: Path) -> dict:
+        def check(directory: Path, manifest: dict) -> dict:
             click.echo("verifying in ONNX Runtime against the reference model", err=True)
-            return verify_artifact(directory, ckpt, dtype, forced=bool(verify))
+            return verify_artifact(directory, manifest, ckpt, dtype, forced=bool(verify))
 
         manifest = build_artifact(
             ckpt, output, dtype, force=force, tokenizer=tokenizer, verify=None if verify is False else check,
             describe={"name": model_name, "source": ckpt.source, "random_weights": random_weights,
                       "num_layers_kept": c.num_hidden_layers},
             log=lambda msg: click.echo(msg, err=True), progress=_progress, target=target, optimize=optimize, int8=int8,
-            smoothquant=smooth,
+            smoothquant=smooth, max_seq=max_seq,
         )
         result = manifest["verification"]
         if "skipped" in result:

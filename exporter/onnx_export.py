@@ -30,24 +30,32 @@ ONNX_DTYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.Tensor
 ALIGN = 4096  # page-aligned weights, so that ONNX Runtime can memory-map them
 
 
-def io_contract(config: LlamaConfig, dtype: str) -> dict:
-    """Names, element types and dimension names of the graph's inputs and outputs."""
-    kv = ["batch", config.num_key_value_heads, "past_sequence_length", config.head_dim]
-    present = ["batch", config.num_key_value_heads, "total_sequence_length", config.head_dim]
+def io_contract(config: LlamaConfig, dtype: str, max_seq: int | None = None) -> dict:
+    """Names, element types and dimension names of the graph's inputs and outputs (`max_seq`: the static
+    cache's, whose buffers have `max_seq` slots and are written at `write_indices`)."""
+    kv = ["batch", config.num_key_value_heads, max_seq or "past_sequence_length", config.head_dim]
+    present = ["batch", config.num_key_value_heads, max_seq or "total_sequence_length", config.head_dim]
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence_length"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence_length"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", max_seq or "total_sequence_length"]},
         {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence_length"]},
     ]
+    if max_seq:
+        inputs.append({"name": "write_indices", "dtype": "int64", "shape": ["batch"]})
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "kept_positions", config.vocab_size]}]
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
             inputs.append({"name": f"past_key_values.{i}.{kind}", "dtype": dtype, "shape": kv})
             outputs.append({"name": f"present.{i}.{kind}", "dtype": dtype, "shape": present})
     inputs.append({"name": "logits_to_keep", "dtype": "int64", "shape": []})
-    return {"inputs": inputs, "outputs": outputs,
-            "logits_to_keep": "N > 0 keeps the last N positions; 0 keeps all; the vocabulary projection runs "
-                              "only on kept positions"}
+    contract = {"inputs": inputs, "outputs": outputs,
+                "logits_to_keep": "N > 0 keeps the last N positions; 0 keeps all; the vocabulary projection runs "
+                                  "only on kept positions"}
+    if max_seq:
+        contract["static_cache"] = ("present.* is past_key_values.* with this step's keys/values written at slots "
+                                    "write_indices[b] + i (bind the same buffer as both to update in place); "
+                                    "attention_mask marks the slots that hold real tokens")
+    return contract
 
 
 class _Flat(torch.nn.Module):

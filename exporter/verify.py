@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.backends import NUMPY_DTYPES, ort_feed
+from runtime.artifact import Artifact
+from runtime.backends import NUMPY_DTYPES, open_backend
 
 from .checkpoint import Checkpoint
 from .loading import load_model
@@ -48,40 +49,35 @@ def too_large(ckpt: Checkpoint, dtype: str, forced: bool = False) -> str | None:
     return None
 
 
-def verify_artifact(directory: Path, ckpt: Checkpoint, dtype: str, prompt_len: int = 8, forced: bool = False) -> dict:
-    """One prefill and one decode step on a short random prompt; max |logit difference| and top-1 agreement."""
-    import onnxruntime as ort
-
+def verify_artifact(directory: Path, manifest: dict, ckpt: Checkpoint, dtype: str, prompt_len: int = 8,
+                    forced: bool = False) -> dict:
+    """One prefill and one decode step on a short random prompt, through the runtime's backend for the
+    graph's flavour; max |logit difference| and top-1 agreement against the float32 reference."""
     if dtype not in NUMPY_DTYPES:
         return {"skipped": f"ONNX Runtime's CPU provider has no {dtype} kernels for this graph"}
     reason = too_large(ckpt, dtype, forced)
     if reason:
         return {"skipped": reason}
     c = ckpt.config
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    backend = open_backend(Artifact(directory, manifest))
     reference = load_model(ckpt, "float32")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, c.vocab_size, (1, prompt_len), generator=gen)
     mask = torch.ones(1, prompt_len, dtype=torch.long)
     pos = torch.arange(prompt_len)[None]
-    empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), NUMPY_DTYPES[dtype])
-    first = [(empty, empty)] * c.num_hidden_layers
-    outputs = session.run(None, ort_feed(ids.numpy(), mask.numpy(), pos.numpy(), first, 0))
+    logits, past = backend.forward(ids.numpy(), mask.numpy(), pos.numpy(), backend.empty_cache(1), 0)
     with torch.no_grad():
         ref_logits, cache = reference(ids, mask, pos)
-    diffs = [float(np.abs(outputs[0] - ref_logits.numpy()).max())]
-    agree = [bool((outputs[0].argmax(-1) == ref_logits.numpy().argmax(-1)).all())]
-    past = list(zip(outputs[1::2], outputs[2::2]))
+    diffs = [float(np.abs(logits - ref_logits.numpy()).max())]
+    agree = [bool((logits.argmax(-1) == ref_logits.numpy().argmax(-1)).all())]
     step = ref_logits[:, -1:].argmax(-1)
     mask = torch.ones(1, prompt_len + 1, dtype=torch.long)
     pos = torch.tensor([[prompt_len]])
-    outputs = session.run(None, ort_feed(step.numpy(), mask.numpy(), pos.numpy(), past, 1))
+    logits, _ = backend.forward(step.numpy(), mask.numpy(), pos.numpy(), past, 1)
     with torch.no_grad():
         ref_logits, _ = reference(step, mask, pos, past_key_values=cache, logits_to_keep=1)
-    diffs.append(float(np.abs(outputs[0] - ref_logits.numpy()).max()))
-    agree.append(bool((outputs[0].argmax(-1) == ref_logits.numpy().argmax(-1)).all()))
+    diffs.append(float(np.abs(logits - ref_logits.numpy()).max()))
+    agree.append(bool((logits.argmax(-1) == ref_logits.numpy().argmax(-1)).all()))
     return {"against": "reference model, float32", "prompt_tokens": prompt_len,
             "max_abs_logit_diff": max(diffs), "prefill_max_abs_diff": diffs[0], "decode_max_abs_diff": diffs[1],
             "top1_identical": all(agree)}

@@ -29,10 +29,11 @@ import onnx_ir as ir
 from onnxscript import optimizer
 
 from . import calibrate, trt_check
-from .rules import packed_matmul, rms_norm, rotary, smooth_quant, weight_int8
+from .rules import packed_matmul, rms_norm, rotary, smooth_quant, static_cache, weight_int8
 from .rules._tensors import release
 
 TARGETS = ("onnx", "ort", "trt")
+KV_CACHES = ("portable", "static")
 ALIGN = 4096  # page-aligned external data, so that runtimes can memory-map it
 
 
@@ -70,9 +71,10 @@ def _cleanup(model: ir.Model) -> int:
     return before - len(model.graph)
 
 
-def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None,
+def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_seq: int | None = None,
            ) -> list[tuple[str, Callable[[ir.Model], int], str]]:
-    """(name, function returning how many places it changed, what the count means) in order."""
+    """(name, function returning how many places it changed, what the count means) in order. `max_seq`
+    selects the static KV cache of that many slots (else the portable, growing cache)."""
     if target not in TARGETS:
         raise PassError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     steps = [
@@ -94,19 +96,23 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None,
         form = "matmulnbits" if target == "ort" else "qdq"
         steps.append((f"int8 weight-only ({weight_int8.OPS[form]})",
                       lambda m: weight_int8.apply(m, form), "weights quantized"))
+    if max_seq is not None:
+        steps.append((f"static KV cache (TensorScatter, {max_seq} slots)",
+                      lambda m: static_cache.apply(m, max_seq), "caches made static"))
     steps.append(("cleanup", _cleanup, "nodes removed"))
     return steps
 
 
 def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: SmoothQuant | None = None,
-        log: Callable[[str], None] = lambda msg: None) -> tuple[list[PassReport], dict[str, int]]:
+        max_seq: int | None = None, log: Callable[[str], None] = lambda msg: None,
+        ) -> tuple[list[PassReport], dict[str, int]]:
     """Rewrite `src` (with its external data) into `dst` + `dst.data-file`; returns the reports and op counts."""
     model = ir.load(str(src))
     dst.parent.mkdir(parents=True, exist_ok=True)
     if smoothquant is not None and smoothquant.scratch is None:
         smoothquant = dataclasses.replace(smoothquant, scratch=dst.parent)
     reports = []
-    for name, fn, unit in passes(target, int8, smoothquant):
+    for name, fn, unit in passes(target, int8, smoothquant, max_seq):
         started = time.perf_counter()
         changed = fn(model)
         reports.append(PassReport(name, changed, f"{changed} {unit}"))

@@ -50,8 +50,19 @@ class Artifact:
         return path if "tokenizer.model" in self.manifest["files"] else None
 
     @property
+    def flavour(self) -> str:
+        return self.manifest["graph"].get("flavour", "portable")
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The static cache's slots (None for a portable graph, whose cache grows)."""
+        value = self.manifest["graph"].get("max_sequence_length")
+        return int(value) if value is not None else None
+
+    @property
     def max_length(self) -> int:
-        return int(self.config["max_position_embeddings"])
+        """The context window: the model's positions, or the static cache's slots if fewer."""
+        return min(int(self.config["max_position_embeddings"]), self.max_sequence_length or 1 << 62)
 
     @classmethod
     def open(cls, directory: str | Path, check_hashes: bool = True) -> "Artifact":

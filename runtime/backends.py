@@ -1,8 +1,17 @@
-"""Backends run one forward step of the portable graph: the same small interface for each engine."""
+"""Backends run one forward step of an artifact's graph: the same small interface for each engine.
+
+The interface speaks the portable contract (a growing `[batch, total]` attention mask, a cache the
+backend returns and gets back). A backend adapts it to the graph flavour the manifest declares:
+- `portable`: past/present tensors that grow by Concat (`OrtBackend`);
+- `static`: fixed `[batch, kv_heads, max_sequence_length, head_dim]` buffers that the graph updates with
+  TensorScatter; `StaticOrtBackend` binds each buffer as both the past input and the present output, so
+  ONNX Runtime writes the new keys/values in place and no step copies the cache.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -63,3 +72,69 @@ class OrtBackend:
     def empty_cache(self, batch: int) -> Past:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)
         return [(empty, empty)] * self.num_layers
+
+
+@dataclass
+class StaticCache:
+    """The static flavour's cache: one preallocated buffer pair per layer and how many slots are written.
+    `forward` updates the buffers in place: a cache passed to it is consumed."""
+    buffers: list[tuple[Any, Any]]  # onnxruntime.OrtValue pairs
+    length: int
+    host: list[np.ndarray] = field(default_factory=list, repr=False)  # the CPU arrays the OrtValues wrap
+
+
+class StaticOrtBackend(OrtBackend):
+    """ONNX Runtime on a static-cache graph, the cache updated in place through IOBinding."""
+
+    def __init__(self, artifact: Artifact, threads: int | None = None, providers: list[str] | None = None):
+        super().__init__(artifact, threads, providers)
+        self.max_sequence_length = artifact.max_sequence_length
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def empty_cache(self, batch: int) -> StaticCache:
+        import onnxruntime as ort
+
+        shape = (batch, self.kv_heads, self.max_sequence_length, self.head_dim)
+        host = [np.zeros(shape, self.cache_dtype) for _ in range(2 * self.num_layers)]
+        # zero-filled, since masked slots still meet the value matrix (0 × NaN would be NaN). On the CPU an
+        # OrtValue wraps its numpy array without copying, so each buffer has its own array, kept alive here.
+        values = [ort.OrtValue.ortvalue_from_numpy(array, self.device) for array in host]
+        return StaticCache(list(zip(values[0::2], values[1::2])), 0, host if self.device == "cpu" else [])
+
+    def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
+        batch, seq = input_ids.shape
+        total = past.length + seq
+        if total > self.max_sequence_length:
+            raise ValueError(f"{total} tokens do not fit the static cache of {self.max_sequence_length} slots; "
+                             f"re-export with a larger --max-seq-len")
+        if attention_mask.shape != (batch, total):
+            raise ValueError(f"attention_mask is {attention_mask.shape}, expected {(batch, total)}")
+        mask = np.zeros((batch, self.max_sequence_length), np.int64)
+        mask[:, :total] = attention_mask
+        feed = ort_feed(input_ids, mask, position_ids, [], logits_to_keep)
+        feed["write_indices"] = np.full(batch, past.length, np.int64)
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        feed = {name: np.ascontiguousarray(array) for name, array in feed.items()}  # alive until the run ends
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        for i, (key, value) in enumerate(past.buffers):
+            for kind, buffer in (("key", key), ("value", value)):
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
+                binding.bind_ortvalue_output(f"present.{i}.{kind}", buffer)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits, StaticCache(past.buffers, total, past.host)
+
+
+def open_backend(artifact: Artifact, name: str = "ort", threads: int | None = None):
+    """The backend `name` for the artifact's graph flavour."""
+    if name != "ort":
+        raise ValueError(f"unknown backend {name!r}; this runtime has: ort")
+    flavour = artifact.flavour
+    if flavour == "portable":
+        return OrtBackend(artifact, threads)
+    if flavour == "static":
+        return StaticOrtBackend(artifact, threads)
+    raise ValueError(f"{artifact.directory}: graph flavour {flavour!r} is not one this runtime runs "
+                     f"(portable, static); re-export with this llama-export")

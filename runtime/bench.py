@@ -19,7 +19,7 @@ import click
 import numpy as np
 
 from .artifact import Artifact, ArtifactError
-from .backends import OrtBackend
+from .backends import open_backend
 from .generate import decode_one_token, prefill
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -86,7 +86,7 @@ def main(directory, backend, batch, prompt_len, gen_len, runs, threads, as_json)
         if prompt_len + gen_len + 1 > artifact.max_length:
             raise ArtifactError(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
                                 f"{artifact.max_length}")
-        engine = OrtBackend(artifact, threads)
+        engine = open_backend(artifact, backend, threads)
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

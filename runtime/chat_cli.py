@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .artifact import Artifact, ArtifactError
-from .backends import OrtBackend
+from .backends import open_backend
 from .chat import ChatFormatError, chat_prompt_ids
 from .generate import Generation
 from .sampling import SamplingParams
@@ -44,7 +44,7 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed):
         artifact = Artifact.open(directory)
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
-        tokenizer, backend = LlamaTokenizer(artifact.tokenizer_path), OrtBackend(artifact)
+        tokenizer, backend = LlamaTokenizer(artifact.tokenizer_path), open_backend(artifact)
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .artifact import Artifact, ArtifactError
-from .backends import OrtBackend
+from .backends import open_backend
 from .generate import Generation, GenerationError
 from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer, TokenizerError
@@ -47,7 +47,7 @@ def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, r
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)
         ids = [tokenizer.encode(p) if p else [] for p in prompts]
-        run = Generation(OrtBackend(artifact, threads), tokenizer, ids, artifact.max_length, max_new_tokens, params,
+        run = Generation(open_backend(artifact, backend, threads), tokenizer, ids, artifact.max_length, max_new_tokens, params,
                          stop_strings=stop_strings)
         if as_json or len(prompts) > 1:
             for _ in run:

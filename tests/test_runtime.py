@@ -14,7 +14,7 @@ from exporter.artifact import build_artifact
 from exporter.checkpoint import RandomCheckpoint
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from runtime.artifact import Artifact, ArtifactError
-from runtime.backends import OrtBackend
+from runtime.backends import OrtBackend, StaticOrtBackend, open_backend
 from runtime.generate import Generation, GenerationError, generate
 from runtime.sampling import SamplingParams, filtered_probs, sample
 from runtime.tokenizer import LlamaTokenizer
@@ -35,13 +35,17 @@ def tokenizer():
 def artifacts(tmp_path_factory):
     made = {}
 
-    def get(case):
-        if case not in made:
+    def get(case, flavour="portable"):
+        """flavour: portable (the traced graph), ort (fused for ONNX Runtime), static (fused, TensorScatter cache)."""
+        if (case, flavour) not in made:
             ckpt = resolve_checkpoint("tiny") if case == "tiny" else RandomCheckpoint(CONFIGS[case], seed=9)
-            out = tmp_path_factory.mktemp(case) / "artifact"
-            build_artifact(ckpt, out, "float32", tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
-            made[case] = (Artifact.open(out), ckpt)
-        return made[case]
+            out = tmp_path_factory.mktemp(f"{case}-{flavour}") / "artifact"
+            passes = {"portable": {}, "ort": {"optimize": True, "target": "ort"},
+                      "static": {"optimize": True, "max_seq": 96}}[flavour]
+            build_artifact(ckpt, out, "float32", tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None,
+                           **passes)
+            made[case, flavour] = (Artifact.open(out), ckpt)
+        return made[case, flavour]
     return get
 
 
@@ -60,10 +64,12 @@ def hf_greedy(ckpt, prompts: list[list[int]], new: int) -> list[list[int]]:
     return rows
 
 
-@pytest.mark.parametrize("case", ["mha", "gqa", "tiny"])
-def test_greedy_tokens_equal_transformers_single_and_batched(artifacts, tokenizer, case):
-    artifact, ckpt = artifacts(case)
-    backend = OrtBackend(artifact)
+@pytest.mark.parametrize("case, flavour", [("mha", "portable"), ("gqa", "portable"), ("tiny", "portable"),
+                                           ("mha", "ort"), ("gqa", "ort"), ("mha", "static"), ("gqa", "static")])
+def test_greedy_tokens_equal_transformers_single_and_batched(artifacts, tokenizer, case, flavour):
+    artifact, ckpt = artifacts(case, flavour)
+    backend = open_backend(artifact)
+    assert type(backend) is (StaticOrtBackend if flavour == "static" else OrtBackend)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     expected = hf_greedy(ckpt, prompts, 32)
     batched = generate(backend, tokenizer, prompts, artifact.max_length, 32)
@@ -71,6 +77,18 @@ def test_greedy_tokens_equal_transformers_single_and_batched(artifacts, tokenize
     for prompt, want in zip(prompts, expected):
         assert generate(backend, tokenizer, [prompt], artifact.max_length, 32)[0].tokens == want
     assert all(len(r.tokens) == 32 or r.finish_reason == "stop" for r in batched)
+
+
+def test_static_cache_window_is_its_slots(artifacts, tokenizer):
+    artifact, _ = artifacts("gqa", "static")
+    assert artifact.flavour == "static" and artifact.max_length == artifact.max_sequence_length == 96
+    backend = open_backend(artifact)
+    with pytest.raises(GenerationError, match="exceeds the context window of 96; lower max_new_tokens to 6"):
+        Generation(backend, tokenizer, [list(range(5, 95))], artifact.max_length, 10)
+    ids = np.full((1, 97), 5)
+    with pytest.raises(ValueError, match="97 tokens do not fit the static cache of 96 slots; re-export with a "
+                                         "larger --max-seq-len"):
+        backend.forward(ids, np.ones_like(ids), np.arange(97)[None], backend.empty_cache(1), 1)
 
 
 def test_same_seed_same_tokens_and_seed_matters(artifacts, tokenizer):
