@@ -130,7 +130,8 @@ def build_artifact(
                     f"{' and activations (SmoothQuant)' if smoothquant else ''}")
                 staged = tmp / ".optimized" / "model.onnx"
                 reports, counts = pipeline.run(graph, staged, target, int8=int8, smoothquant=smoothquant,
-                                               max_seq=max_seq, log=log)
+                                               max_seq=max_seq, max_positions=config.max_position_embeddings,
+                                               log=log)
                 os.replace(staged, graph)
                 os.replace(staged.parent / DATA_FILE, tmp / DATA_FILE)
                 staged.parent.rmdir()

@@ -29,7 +29,8 @@ import onnx_ir as ir
 from onnxscript import optimizer
 
 from . import calibrate, trt_check
-from .rules import packed_matmul, rms_norm, rotary, smooth_quant, static_cache, weight_int8
+from .rules import (ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, smooth_quant, static_cache,
+                    weight_int8)
 from .rules._tensors import release
 
 TARGETS = ("onnx", "ort", "trt")
@@ -72,9 +73,10 @@ def _cleanup(model: ir.Model) -> int:
 
 
 def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_seq: int | None = None,
-           ) -> list[tuple[str, Callable[[ir.Model], int], str]]:
+           max_positions: int | None = None) -> list[tuple[str, Callable[[ir.Model], int], str]]:
     """(name, function returning how many places it changed, what the count means) in order. `max_seq`
-    selects the static KV cache of that many slots (else the portable, growing cache)."""
+    selects the static KV cache of that many slots (else the portable, growing cache); `max_positions`
+    sizes the ort target's constant rope caches."""
     if target not in TARGETS:
         raise PassError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     steps = [
@@ -83,6 +85,11 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
         ("RotaryEmbedding", rotary.apply, "fused"),
         ("packed projections (qkv, gate/up)", packed_matmul.apply, "groups packed"),
     ]
+    if target == "ort":
+        steps.append(("SkipSimplifiedLayerNormalization (com.microsoft)", skip_rms_norm.apply, "fused"))
+        if max_positions:
+            steps.append((f"RotaryEmbedding (com.microsoft, {max_positions}-position caches)",
+                          lambda m: ort_rotary.apply(m, max_positions), "converted"))
     if smoothquant is not None:
         sq = smoothquant
 
@@ -104,7 +111,7 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
 
 
 def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: SmoothQuant | None = None,
-        max_seq: int | None = None, log: Callable[[str], None] = lambda msg: None,
+        max_seq: int | None = None, max_positions: int | None = None, log: Callable[[str], None] = lambda msg: None,
         ) -> tuple[list[PassReport], dict[str, int]]:
     """Rewrite `src` (with its external data) into `dst` + `dst.data-file`; returns the reports and op counts."""
     model = ir.load(str(src))
@@ -112,7 +119,7 @@ def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: S
     if smoothquant is not None and smoothquant.scratch is None:
         smoothquant = dataclasses.replace(smoothquant, scratch=dst.parent)
     reports = []
-    for name, fn, unit in passes(target, int8, smoothquant, max_seq):
+    for name, fn, unit in passes(target, int8, smoothquant, max_seq, max_positions):
         started = time.perf_counter()
         changed = fn(model)
         reports.append(PassReport(name, changed, f"{changed} {unit}"))

@@ -111,7 +111,8 @@ def test_onnx_runtime_updates_the_bound_buffer_in_place(graphs):
 
 
 def test_cli_static_cache_errors(tmp_path):
-    for args, message in ((["--max-seq-len", "64"], "--max-seq-len sizes the static cache: pass it with --kv-cache static"),
+    for args, message in ((["--max-seq-len", "64"],
+                           "--max-seq-len sizes the static cache: pass it with --kv-cache static"),
                           (["--kv-cache", "static", "--max-seq-len", "99999"], "--max-seq-len 99999 is out of range"),
                           (["--kv-cache", "static", "--no-optimize"], "--kv-cache static is a graph pass")):
         result = cli("--model", "tiny", *args, "-o", str(tmp_path / "out"))
