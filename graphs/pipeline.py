@@ -8,9 +8,11 @@ Targets (all keep the portable I/O contract: past/present, logits_to_keep, float
 - onnx / trt: standard ONNX (opset 23): RMSNormalization, RotaryEmbedding, the traced GQA `Attention`
   (cache Concat outside, explicit 4-D mask), packed QKV and gate/up; int8 as DequantizeLinear → MatMul.
   trt additionally must pass `trt_check` (TensorRT 11's parser rules).
-- ort: the same fusions, and int8 as ONNX Runtime's `MatMulNBits` (bits=8).
+- ort: the same fusions, then ONNX Runtime's contrib ops: SkipSimplifiedLayerNormalization, RotaryEmbedding
+  on constant caches; int8 as `MatMulNBits` (bits=8).
 SmoothQuant W8A8 (every target) calibrates on token sequences in ONNX Runtime, then writes Q/DQ pairs on
-the activations and int8 → DequantizeLinear on the smoothed weights.
+the activations and int8 → DequantizeLinear on the smoothed weights. The static KV cache (every target)
+changes the contract: fixed cache buffers written by opset-24 TensorScatter at `write_indices`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
 import onnx
 import onnx_ir as ir
 from onnxscript import optimizer
@@ -34,7 +35,6 @@ from .rules import (ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, 
 from .rules._tensors import release
 
 TARGETS = ("onnx", "ort", "trt")
-KV_CACHES = ("portable", "static")
 ALIGN = 4096  # page-aligned external data, so that runtimes can memory-map it
 
 
