@@ -16,9 +16,6 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-INT64 = ir.DataType.INT64
-
-
 def _feed(model: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
     """A prefill of `ids` ([1, T]) from an empty cache, for the portable I/O contract."""
     batch, length = ids.shape

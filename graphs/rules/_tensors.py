@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import onnx_ir as ir
@@ -40,3 +40,15 @@ def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir
     value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+WeightOf = Callable[[Optional[ir.Value]], Optional[ir.TensorProtocol]]
+
+
+def constant_matmuls(graph: ir.Graph, weight: WeightOf = constant_matrix) -> dict[ir.Value, list[ir.Node]]:
+    """Activation → the standard MatMuls that read it with a constant weight (`weight(value)` not None)."""
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "MatMul" and node.domain == "" and weight(node.inputs[1]) is not None:
+            groups.setdefault(node.inputs[0], []).append(node)
+    return groups

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from ._tensors import RowBlockTensor, add_initializer, constant_matrix, release
+from ._tensors import RowBlockTensor, add_initializer, constant_matmuls, release
 
 
 def _packed_name(names: list[str]) -> str:
@@ -37,10 +37,7 @@ def _concat_rows(tensors: list[ir.TensorProtocol], block_bytes: int = 32 << 20) 
 
 def apply(model: ir.Model) -> int:
     graph = model.graph
-    groups: dict[ir.Value, list[ir.Node]] = {}
-    for node in graph:
-        if node.op_type == "MatMul" and node.domain == "" and constant_matrix(node.inputs[1]) is not None:
-            groups.setdefault(node.inputs[0], []).append(node)
+    groups = constant_matmuls(graph)
     packed = 0
     for group in groups.values():
         weights = [node.inputs[1] for node in group]

@@ -23,18 +23,9 @@ import numpy as np
 import onnx_ir as ir
 
 from . import weight_int8
-from ._tensors import add_initializer, release
+from ._tensors import add_initializer, constant_matmuls, release
 
 Calibrate = Callable[[ir.Model, list[ir.Value]], dict[str, np.ndarray]]
-
-
-def _targets(graph: ir.Graph) -> dict[ir.Value, list[ir.Node]]:
-    """Activation → the constant-weight MatMuls that read it."""
-    groups: dict[ir.Value, list[ir.Node]] = {}
-    for node in graph:
-        if node.op_type == "MatMul" and node.domain == "" and weight_int8.float_weight(node.inputs[1]) is not None:
-            groups.setdefault(node.inputs[0], []).append(node)
-    return groups
 
 
 def _row_peaks(value: ir.Value) -> np.ndarray:
@@ -98,9 +89,9 @@ def apply(model: ir.Model, calibrate: Calibrate, alpha: float = 0.5, quantize: b
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha {alpha} is outside [0, 1]")
     graph = model.graph
-    groups = _targets(graph)
+    groups = constant_matmuls(graph, weight_int8.float_weight)
     peaks = calibrate(model, list(groups))
-    rows: dict[str, np.ndarray] = {}  # weight name → s (rows multiplied)
+    factors: dict[ir.Value, np.ndarray] = {}  # activation → s (its readers' weight rows are multiplied by s)
     cols: dict[str, tuple[slice, np.ndarray]] = {}  # weight name → (columns, 1/s) for folded down_proj smoothing
     input_scale: dict[ir.Value, float] = {}
     for x, readers in groups.items():
@@ -120,14 +111,13 @@ def apply(model: ir.Model, calibrate: Calibrate, alpha: float = 0.5, quantize: b
                 target.const_value = ir.tensor(new, name=target.name)
             else:
                 cols[target.name] = (columns, (1.0 / s).astype(np.float32))
-        for n in readers:
-            rows[n.inputs[1].name] = s
+        factors[x] = s
         input_scale[x] = float((a / s).max()) / 127.0 or 1.0
     done = 0
     for x, readers in groups.items():
         for node in readers:
             w = node.inputs[1]
-            t, s, col = w.const_value, rows[w.name], cols.get(w.name)
+            t, s, col = w.const_value, factors[x], cols.get(w.name)
 
             def read(fn, t=t, s=s, col=col):
                 def scaled(array: np.ndarray) -> np.ndarray:

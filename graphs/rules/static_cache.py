@@ -24,10 +24,6 @@ OPSET = 24  # TensorScatter
 INT64, BOOL = ir.DataType.INT64, ir.DataType.BOOL
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    return add_initializer(graph, name, ir.tensor(array))
-
-
 class _Builder:
     """Appends nodes before `anchor`, naming outputs `static_mask/<op>_<n>`."""
 
@@ -47,10 +43,11 @@ def _mask(graph: ir.Graph, anchor: ir.Node, input_ids: ir.Value, attention_mask:
           max_seq: int) -> ir.Value:
     """bool [batch, 1, sequence_length, max_sequence_length]."""
     b = _Builder(graph, anchor)
-    zero = _const(graph, "static_mask/zero", np.array(0, np.int64))
-    one = _const(graph, "static_mask/one", np.array(1, np.int64))
-    length = _const(graph, "static_mask/max_sequence_length", np.array(max_seq, np.int64))
-    axis0, axis1, axis2 = (_const(graph, f"static_mask/axis{i}", np.array([i], np.int64)) for i in range(3))
+    def const(name: str, value) -> ir.Value:
+        return add_initializer(graph, f"static_mask/{name}", ir.tensor(np.array(value, np.int64)))
+
+    zero, one, length = const("zero", 0), const("one", 1), const("max_sequence_length", max_seq)
+    axis0, axis1, axis2 = (const(f"axis{i}", [i]) for i in range(3))
     slots = b("Range", [zero, length, one], INT64, [max_seq])
     seq = b("Squeeze", [b("Shape", [input_ids], INT64, [1], start=1, end=2), axis0], INT64, [])
     steps = b("Range", [zero, seq, one], INT64, ["sequence_length"])
