@@ -25,8 +25,10 @@ from runtime.artifact import sha256  # the runtime checks the same digests
 
 from .checkpoint import Checkpoint, expected_tensors
 from .config import LlamaConfig
+from .engine import trt_section
 from .errors import ExportError
 from .onnx_export import DATA_FILE, OPSET, io_contract, trace, write_weights
+from .trt_profiles import limits
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -163,6 +165,9 @@ def build_artifact(
             "export": {"traced_on": "meta", "weights_streamed": names, "weights_bytes": data_bytes,
                        "trace_seconds": round(traced - started, 2), "passes": passes},
         }
+        if target == "trt":  # the profiles a default llama-build uses
+            graph_info = manifest["graph"]
+            manifest["tensorrt"] = trt_section(out_dir, graph_info, limits(graph_info, config.to_hf_dict()))
         manifest["verification"] = verify(tmp, manifest) if verify else {"skipped": "--no-verify"}
         manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest["export"]["total_seconds"] = round(time.perf_counter() - started, 2)

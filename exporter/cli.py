@@ -12,9 +12,12 @@ from graphs import pipeline
 
 from . import calibration as calibration_text
 from .artifact import build_artifact, truncate_layers
+from .build_cli import EXIT_NO_TENSORRT
 from .cli_options import dtype_option, model_options
+from .engine import build_command, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .presets import PRESET_NAMES, find_tokenizer, resolve_checkpoint
+from .trt_profiles import limits
 from .verify import verify_artifact
 
 
@@ -32,10 +35,17 @@ def _progress(total: int):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_options
 @dtype_option(None)
-@click.option("--target", type=click.Choice(["onnx", "ort", "trt"]), default="onnx", show_default=True,
+@click.option("--target", type=click.Choice(["auto", "onnx", "ort", "trt"]), default="auto", show_default=True,
               help="Which graph passes run. onnx: standard ONNX opset 23 (RMSNormalization, RotaryEmbedding, GQA "
                    "Attention with the cache Concat outside, packed qkv and gate/up). trt: the same, checked "
-                   "against TensorRT 11's ONNX-parser rules. ort: the same for ONNX Runtime; int8 as MatMulNBits.")
+                   "against TensorRT 11's ONNX-parser rules, then the engine is built (see --build). ort: the "
+                   "same plus ONNX Runtime's contrib fusions; int8 as MatMulNBits. auto: trt when TensorRT 11 "
+                   "imports and a CUDA GPU is visible, else ort (the choice and its reason are printed).")
+@click.option("--build/--no-build", default=True, show_default=True,
+              help="With target trt: build the TensorRT engine right after the export (llama-build's defaults). "
+                   "Where TensorRT or a GPU is missing, the trt-ready artifact is written and the command exits "
+                   "with status 3 and the llama-build command to run on a GPU machine; --no-build stops at the "
+                   "artifact (status 0).")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="--no-optimize writes the traced graph as it is (no fusions).")
 @click.option("--kv-cache", type=click.Choice(["portable", "static"]), default="portable", show_default=True,
@@ -70,7 +80,7 @@ def _progress(total: int):
               help="Run the artifact in ONNX Runtime against the float32 reference model and print the max logit "
                    "difference. Default: only when both fit in 4 GiB (the export itself stays near 1 GB); "
                    "--verify checks whenever they fit in 80% of the available memory.")
-def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, kv_cache, max_seq_len, int8,
+def main(model_name, checkpoint, random_weights, seed, dtype, target, build, optimize, kv_cache, max_seq_len, int8,
          smoothquant, smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path, force,
          verify):
     """Export a Llama 2 model to an ONNX artifact directory.
@@ -78,12 +88,14 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
     MODEL is a preset (tiny, 7b, 13b, 70b and their -chat versions) or a checkpoint directory. The
     directory holds model.onnx, its weights in model.onnx.data, config.json, tokenizer.model and
     manifest.json (I/O contract, file sizes and sha256, tool versions, verification). The dtype
-    defaults to the checkpoint's own.
+    defaults to the checkpoint's own. With target trt it ends in a TensorRT engine (model.plan) where
+    TensorRT and a GPU are present, else in the command that builds it there.
 
     \b
     Examples:
       llama-export --model tiny --fp32 -o out/tiny
       llama-export --model 13b --fp16                     # from the local Hugging Face cache
+      llama-export --model 13b --fp16 --target trt --no-build   # trt-ready; llama-build it on a GPU
       llama-export --checkpoint ./llama-2-7b --fp16       # Meta params.json + consolidated.*.pth
       llama-export --model 70b --random-weights --num-layers 2 --fp16   # ~1 GB peak, not verified
       llama-export --model tiny --int8 --smoothquant --target trt  # W8A8 for TensorRT
@@ -91,6 +103,12 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
     """
     try:
         started = time.perf_counter()
+        if target == "auto":
+            status = tensorrt_status()
+            target = "trt" if status.usable else "ort"
+            click.echo(f"target auto → {target}: {status.reason}"
+                       + ("" if status.usable else " (pass --target trt for a TensorRT-ready artifact anyway)"),
+                       err=True)
         ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
         dtype = dtype or ckpt.config.torch_dtype
         name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
@@ -136,6 +154,16 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, optimize, 
                        f"(prefill {result['prefill_max_abs_diff']:.3g}, decode {result['decode_max_abs_diff']:.3g}), "
                        f"top-1 {'identical' if result['top1_identical'] else 'DIFFERENT'}")
         click.echo(f"wrote {output} in {time.perf_counter() - started:.1f} s")
+        if target == "trt" and build:
+            status = tensorrt_status()
+            if not status.usable:
+                click.echo(f"TensorRT engine not built: {status.reason}. {output} is ready for TensorRT; on a machine "
+                           f"with TensorRT 11 and an NVIDIA GPU, finish with:\n  {build_command(output)}", err=True)
+                sys.exit(EXIT_NO_TENSORRT)
+            lim = limits(manifest["graph"], manifest["model"]["config"])
+            manifest = build_engine(output, manifest, lim, timing_cache=output / "timing.cache",
+                                    log=lambda msg: click.echo(msg, err=True))
+            click.echo(describe(output, manifest))
     except ExportError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -6,6 +6,9 @@ backend returns and gets back). A backend adapts it to the graph flavour the man
 - `static`: fixed `[batch, kv_heads, max_sequence_length, head_dim]` buffers that the graph updates with
   TensorScatter; `StaticOrtBackend` binds each buffer as both the past input and the present output, so
   ONNX Runtime writes the new keys/values in place and no step copies the cache.
+The TensorRT backend (`trt_backend.TrtBackend`) runs the engine `llama-build` adds to a trt artifact.
+Every backend says its context window (`max_length`): the model's, or less where the cache or engine is
+smaller.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def ort_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np
 
 
 class Backend(Protocol):
+    max_length: int
     num_layers: int
     kv_heads: int
     head_dim: int
@@ -64,6 +68,7 @@ class OrtBackend:
         self.num_layers, self.kv_heads = c["num_hidden_layers"], c["num_key_value_heads"]
         self.head_dim = artifact.head_dim
         self.cache_dtype = NUMPY_DTYPES[artifact.dtype]
+        self.max_length = artifact.max_length
 
     def forward(self, input_ids, attention_mask, position_ids, past, logits_to_keep):
         out = self.session.run(None, ort_feed(input_ids, attention_mask, position_ids, past, logits_to_keep))
@@ -127,10 +132,19 @@ class StaticOrtBackend(OrtBackend):
         return logits, StaticCache(past.buffers, total, past.host)
 
 
-def open_backend(artifact: Artifact, name: str = "ort", threads: int | None = None):
-    """The backend `name` for the artifact's graph flavour."""
-    if name != "ort":
-        raise ValueError(f"unknown backend {name!r}; this runtime has: ort")
+BACKENDS = ("ort", "trt")
+
+
+def open_backend(artifact: Artifact, name: str = "ort", threads: int | None = None, cuda_graph: bool = False):
+    """The backend `name` for the artifact's graph flavour (`cuda_graph`: trt only)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; this runtime has: {', '.join(BACKENDS)}")
+    if name == "trt":
+        from .trt_backend import TrtBackend
+
+        return TrtBackend(artifact, cuda_graph)
+    if cuda_graph:
+        raise ValueError("--cuda-graph is for the trt backend")
     flavour = artifact.flavour
     if flavour == "portable":
         return OrtBackend(artifact, threads)

@@ -3,7 +3,9 @@
 Decode on a CPU is bound by reading every weight (and the KV cache) once per step, so the figure
 that says how good a runtime is, is bytes read per step ÷ step time, against a read bandwidth this
 command measures itself in the same run (ONNX Runtime's matrix-vector product over a 1 GiB matrix,
-far larger than the caches, with the same thread count).
+far larger than the caches, with the same thread count). With `--backend trt` the reference is the
+GPU's memory (HBM) bandwidth, measured the same way: a device-to-device copy of 1 GiB, timed with CUDA
+events.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import click
 import numpy as np
 
 from .artifact import Artifact, ArtifactError
-from .backends import open_backend
+from .backends import BACKENDS, open_backend
 from .generate import decode_one_token, prefill
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -55,6 +57,25 @@ def read_bandwidth(threads: int | None, megabytes: int = 1024, repeats: int = 5)
     return k * n * 4 / statistics.median(times)
 
 
+def hbm_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of GPU memory traffic in a device-to-device copy of `megabytes`: each byte is read once and
+    written once (the median of `repeats`)."""
+    import torch
+
+    source = torch.ones(megabytes << 20, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * source.numel() / statistics.median(times)
+
+
 def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int, seed: int) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(batch)]
@@ -71,22 +92,25 @@ def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int, see
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
+              help="ort: ONNX Runtime. trt: the artifact's TensorRT engine (llama-build); the bandwidth figure is "
+                   "then the GPU's.")
+@click.option("--cuda-graph", is_flag=True, help="trt, static-cache artifacts: decode steps as CUDA graph replays.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--gen-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs (after a warm-up).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def main(directory, backend, batch, prompt_len, gen_len, runs, threads, as_json):
+def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threads, as_json):
     """Benchmark an artifact: prefill latency, decode tokens/s, peak RSS, bandwidth fraction (medians)."""
     try:
         artifact = Artifact.open(directory)
         c = artifact.config
-        if prompt_len + gen_len + 1 > artifact.max_length:
+        engine = open_backend(artifact, backend, threads, cuda_graph)
+        if prompt_len + gen_len + 1 > engine.max_length:
             raise ArtifactError(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
-                                f"{artifact.max_length}")
-        engine = open_backend(artifact, backend, threads)
+                                f"{engine.max_length}")
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -101,7 +125,7 @@ def main(directory, backend, batch, prompt_len, gen_len, runs, threads, as_json)
     kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * artifact.head_dim * BYTES[artifact.dtype]
     cache = kv_bytes_per_token * mean_len * batch
     per_step = weights + cache
-    bandwidth = read_bandwidth(threads)
+    bandwidth = hbm_bandwidth() if backend == "trt" else read_bandwidth(threads)
     achieved = per_step * gen_len / decode_s
     report = {
         "artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "batch": batch,
@@ -109,6 +133,7 @@ def main(directory, backend, batch, prompt_len, gen_len, runs, threads, as_json)
         "prefill_ms": round(prefill_s * 1e3, 1), "decode_tokens_per_s": round(batch * gen_len / decode_s, 2),
         "decode_steps_per_s": round(gen_len / decode_s, 2), "bytes_per_step": int(per_step),
         "achieved_gb_per_s": round(achieved / 1e9, 2), "measured_read_gb_per_s": round(bandwidth / 1e9, 2),
+        "bandwidth_of": "GPU memory (HBM)" if backend == "trt" else "host memory",
         "bandwidth_fraction": round(achieved / bandwidth, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

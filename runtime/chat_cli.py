@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .artifact import Artifact, ArtifactError
-from .backends import open_backend
+from .backends import BACKENDS, open_backend
 from .chat import ChatFormatError, chat_prompt_ids
 from .generate import Generation
 from .sampling import SamplingParams
@@ -33,7 +33,9 @@ def fit_history(tokenizer: LlamaTokenizer, system: str | None, turns: list[dict]
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def main(directory, system, max_new_tokens, temperature, top_p, seed):
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
+              help="ort: ONNX Runtime. trt: the artifact's TensorRT engine (llama-build).")
+def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
     """Chat with an artifact in the Llama-2-chat format, streaming each answer.
 
     The conversation is kept while it fits in the context window; the oldest turns are dropped
@@ -44,11 +46,11 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed):
         artifact = Artifact.open(directory)
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
-        tokenizer, backend = LlamaTokenizer(artifact.tokenizer_path), open_backend(artifact)
+        tokenizer, backend = LlamaTokenizer(artifact.tokenizer_path), open_backend(artifact, backend)
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    window, turns = artifact.max_length, []
+    window, turns = backend.max_length, []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .artifact import Artifact, ArtifactError
-from .backends import open_backend
+from .backends import BACKENDS, open_backend
 from .generate import Generation, GenerationError
 from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer, TokenizerError
@@ -27,11 +27,15 @@ from .tokenizer import LlamaTokenizer, TokenizerError
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stop", "stop_strings", multiple=True, help="Stop a sequence when its text contains this string.")
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
+              help="ort: ONNX Runtime (CUDA when onnxruntime-gpu has it, else CPU). trt: the TensorRT engine "
+                   "llama-build wrote into the artifact (a GPU and TensorRT 11).")
+@click.option("--cuda-graph", is_flag=True,
+              help="trt, static-cache artifacts: replay each decode step as a CUDA graph.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt: tokens, text, finish_reason.")
 def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-         stop_strings, backend, threads, as_json):
+         stop_strings, backend, cuda_graph, threads, as_json):
     """Generate text with an artifact directory written by llama-export.
 
     \b
@@ -47,8 +51,8 @@ def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, r
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)
         ids = [tokenizer.encode(p) if p else [] for p in prompts]
-        run = Generation(open_backend(artifact, backend, threads), tokenizer, ids, artifact.max_length, max_new_tokens, params,
-                         stop_strings=stop_strings)
+        engine = open_backend(artifact, backend, threads, cuda_graph)
+        run = Generation(engine, tokenizer, ids, engine.max_length, max_new_tokens, params, stop_strings=stop_strings)
         if as_json or len(prompts) > 1:
             for _ in run:
                 pass

@@ -37,15 +37,20 @@ def session(directory: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
 
-def run_steps(sess, model, config, np_dtype, prefill_keep: int, decode_steps: int = 8):
-    """Prefill 17 tokens of a left-padded batch of 3, then greedy decode steps; yields (ours, reference,
-    real-position mask, ort presents, reference presents) per step."""
+def padded_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """17 random tokens in 3 rows left-padded by 0, 5 and 9: ids, attention mask, positions."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, config.vocab_size, (3, 17), generator=gen)
+    ids = torch.randint(3, vocab_size, (3, 17), generator=gen)
     mask = torch.ones(3, 17, dtype=torch.long)
     for row, pad in enumerate((0, 5, 9)):
         mask[row, :pad] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run_steps(sess, model, config, np_dtype, prefill_keep: int, decode_steps: int = 8):
+    """Prefill 17 tokens of a left-padded batch of 3, then greedy decode steps; yields (ours, reference,
+    real-position mask, ort presents, reference presents) per step."""
+    ids, mask, pos = padded_batch(config.vocab_size)
     empty = np.zeros((3, config.num_key_value_heads, 0, config.head_dim), np_dtype)
     past = [(empty, empty)] * config.num_hidden_layers
     cache = None

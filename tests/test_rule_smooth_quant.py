@@ -98,7 +98,7 @@ def test_smoothquant_tiny_perplexity_within_three_percent(tmp_path, heldout_ids)
 def test_cli_smoothquant(tmp_path):
     out = tmp_path / "w8a8"
     result = cli("--model", "tiny", "--int8", "--smoothquant", "--calibration-tokens", "600", "--target", "trt",
-                 "-o", str(out), "--no-verify")
+                 "--no-build", "-o", str(out), "--no-verify")
     assert result.returncode == 0, result.stderr
     assert "calibration sequence 2/2" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
