@@ -48,6 +48,9 @@ class Backend(Protocol):
     def empty_cache(self, batch: int) -> Past:
         """The past of a first step: length 0."""
 
+    def keep_rows(self, past: Past, rows: list[int]) -> Past:
+        """The cache of only these batch rows (finished sequences leave the batch)."""
+
 
 class OrtBackend:
     """ONNX Runtime: the CUDA provider when onnxruntime-gpu has it, else the CPU."""
@@ -78,6 +81,9 @@ class OrtBackend:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)
         return [(empty, empty)] * self.num_layers
 
+    def keep_rows(self, past: Past, rows: list[int]) -> Past:
+        return [(key[rows], value[rows]) for key, value in past]
+
 
 @dataclass
 class StaticCache:
@@ -105,6 +111,15 @@ class StaticOrtBackend(OrtBackend):
         # OrtValue wraps its numpy array without copying, so each buffer has its own array, kept alive here.
         values = [ort.OrtValue.ortvalue_from_numpy(array, self.device) for array in host]
         return StaticCache(list(zip(values[0::2], values[1::2])), 0, host if self.device == "cpu" else [])
+
+    def keep_rows(self, past: StaticCache, rows: list[int]) -> StaticCache:
+        """New, smaller buffers holding these rows (one copy, when rows finish)."""
+        import onnxruntime as ort
+
+        arrays = past.host or [value.numpy() for pair in past.buffers for value in pair]
+        host = [np.ascontiguousarray(array[rows]) for array in arrays]
+        values = [ort.OrtValue.ortvalue_from_numpy(array, self.device) for array in host]
+        return StaticCache(list(zip(values[0::2], values[1::2])), past.length, host if self.device == "cpu" else [])
 
     def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
         batch, seq = input_ids.shape

@@ -1,7 +1,8 @@
 """Generation as small functions (prefill, decode_one_token, sample) over any backend.
 
 Prompts of different lengths form one left-padded batch; each row finishes on its own (EOS, a stop
-token id, a stop string, max_new_tokens or the context window).
+token id, a stop string, max_new_tokens or the context window), and a finished row leaves the batch
+(`backend.keep_rows`), so it costs no more compute.
 """
 
 from __future__ import annotations
@@ -107,21 +108,31 @@ class Generation:
             for token in seq.prompt:
                 stream.push(token)
         logits, past, mask, last_pos = prefill(self.backend, [s.prompt for s in seqs])
+        active = list(range(len(seqs)))  # the sequence behind each row of the backend's batch
+        keep_rows = getattr(self.backend, "keep_rows", None)
         for step in range(self.max_new_tokens):
-            seen = [s.prompt + s.tokens for s in seqs] if self.params.repetition_penalty != 1.0 else None
+            rows = [seqs[i] for i in active]
+            seen = [s.prompt + s.tokens for s in rows] if self.params.repetition_penalty != 1.0 else None
             tokens = sample(logits, self.params, rng, seen)
-            deltas = ["" if seq.finish_reason else self._advance(seq, stream, int(token))
-                      for seq, stream, token in zip(seqs, streams, tokens)]
+            deltas = [""] * len(seqs)
+            for i, token in zip(active, tokens):
+                if not seqs[i].finish_reason:
+                    deltas[i] = self._advance(seqs[i], streams[i], int(token))
             if step + 1 == self.max_new_tokens:
-                for row, (seq, stream) in enumerate(zip(seqs, streams)):
-                    if not seq.finish_reason:
-                        rest = stream.flush()
-                        seq.text, deltas[row], seq.finish_reason = seq.text + rest, deltas[row] + rest, "length"
+                for i in active:
+                    if not seqs[i].finish_reason:
+                        rest = streams[i].flush()
+                        seqs[i].text, deltas[i], seqs[i].finish_reason = seqs[i].text + rest, deltas[i] + rest, "length"
             yield deltas
             if all(s.finish_reason for s in seqs):
                 break
-            # finished rows are fed EOS and ignored; the portable graph runs the batch as a whole
-            feed = np.where([s.finish_reason is not None for s in seqs], self.tokenizer.eos_id, tokens)
+            running = [row for row, i in enumerate(active) if not seqs[i].finish_reason]
+            if keep_rows is not None and len(running) < len(active):  # finished rows leave the batch
+                past = keep_rows(past, running)
+                tokens, mask, last_pos = tokens[running], mask[running], last_pos[running]
+                active = [active[row] for row in running]
+            # where the backend cannot drop rows, finished ones are fed EOS and ignored
+            feed = np.where([seqs[i].finish_reason is not None for i in active], self.tokenizer.eos_id, tokens)
             logits, past, mask, last_pos = decode_one_token(self.backend, feed, past, mask, last_pos)
         self.results = [Result(s.tokens, s.text, s.finish_reason or "length") for s in seqs]
 

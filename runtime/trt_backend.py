@@ -130,6 +130,22 @@ class TrtBackend:
         return TrtCache([[torch.empty(size, dtype=self.cache_dtype, device=self.device) for _ in range(2)]
                          for _ in self.names], 0)
 
+    def keep_rows(self, past: TrtCache, rows: list[int]) -> TrtCache:
+        """A cache of only these rows (one copy on the GPU, when rows finish)."""
+        index = self.torch.tensor(rows, device=self.device)
+        smaller = self.empty_cache(len(rows))
+        with self.torch.cuda.stream(self.stream):
+            for old, new in zip(past.buffers, smaller.buffers):
+                if self.flavour == "static":
+                    new[0].copy_(old[0].index_select(0, index))
+                else:
+                    batch = old[past.current].numel() // (self.kv_heads * self.max_length * self.head_dim)
+                    shape = (batch, self.kv_heads, past.length, self.head_dim)
+                    size = len(rows) * self.kv_heads * past.length * self.head_dim
+                    current = old[past.current][:batch * self.kv_heads * past.length * self.head_dim].view(shape)
+                    new[0][:size].copy_(current.index_select(0, index).reshape(-1))
+        return TrtCache(smaller.buffers, past.length, 0)
+
     def _bind(self, context, name: str, tensor) -> None:
         context.set_input_shape(name, tuple(tensor.shape))
         context.set_tensor_address(name, tensor.data_ptr())

@@ -265,3 +265,31 @@ def test_bench_reports_consistent_figures(artifacts):
     bad = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "1000",
                           "--gen-len", "100"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "exceeds the context window 1024" in bad.stderr
+
+
+@pytest.mark.parametrize("flavour", ["portable", "static"])
+def test_finished_rows_leave_the_batch(artifacts, tokenizer, flavour):
+    """A row that stops early is dropped from the batch; the others' tokens equal their runs alone."""
+    artifact, _ = artifacts("gqa", flavour)
+    backend = open_backend(artifact)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    stop = generate(backend, tokenizer, [prompts[0]], artifact.max_length, 24)[0].tokens[3]
+    alone = [generate(backend, tokenizer, [p], artifact.max_length, 24, stop_token_ids=[stop])[0] for p in prompts]
+    assert len({len(r.tokens) for r in alone}) > 1  # rows finish at different steps
+    batches = []
+
+    class Recording:
+        """The real backend; writes down the batch size of each forward pass."""
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def forward(self, input_ids, *rest):
+            batches.append(input_ids.shape[0])
+            return backend.forward(input_ids, *rest)
+
+    together = generate(Recording(), tokenizer, prompts, artifact.max_length, 24, stop_token_ids=[stop])
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
+    running = [sum(len(r.tokens) + (r.finish_reason == "stop") > step for r in alone) for step in range(1, 24)]
+    assert batches == [3] + [n for n in running if n > 0] and min(batches) < 3
+    print(f"{flavour}: batch size per step {batches}")

@@ -1,0 +1,156 @@
+"""Side by side on one checkpoint: llama-export's runtime against onnxruntime-genai, optimum and transformers.
+
+    .venv/bin/python examples/peers.py --model gqa-mid            # batch 1 and 4, 128 + 128 tokens, 2 threads
+    .venv/bin/python examples/peers.py --model small --batch 1 --peers genai
+
+It writes a random-weight Hugging Face checkpoint of Llama-2 shapes (`small`, `gqa-mid`), exports it
+with llama-export (fp32: `--target ort`, and `--target onnx --kv-cache static`), builds genai's model with
+its own builder, and runs llama-bench's workload (batch B, 128 prompt tokens, 128 decode steps, greedy,
+median of 3 after a warm-up) on each system, one after the other in this one run. The peers live in
+virtual environments of their own under WORK/venvs (genai 0.18's builder needs transformers 5,
+optimum-onnx needs transformers < 4.58); they are created on first use. The table gives decode tokens/s,
+prefill latency, and the ratios of llama-export's best artifact to each system: decode tokens/s (above 1:
+ours is faster) and prefill latency (below 1: ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8),
+    "gqa-mid": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=32,
+                    num_key_value_heads=4),
+}
+VENVS = {"genai": ["onnxruntime-genai==0.18.*", "transformers>=5", "onnx-ir", "safetensors", "numpy", "sentencepiece"],
+         "optimum": ["optimum-onnx[onnxruntime]==0.1.*", "transformers<4.58", "safetensors", "numpy"]}
+PEER_VENV = {"genai": "genai", "optimum": "optimum", "transformers": "optimum"}
+OURS = {"ours-ort": ["--target", "ort"],
+        "ours-static": ["--target", "onnx", "--kv-cache", "static", "--max-seq-len", "512"]}
+
+
+def say(message: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list, **kwargs) -> str:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): {' '.join(map(str, cmd))}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def checkpoint(work: Path, model: str) -> Path:
+    """config.json + model.safetensors of seeded random weights, the shapes of `model`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from exporter.checkpoint import RandomCheckpoint
+    from exporter.config import LlamaConfig
+
+    path = work / "checkpoint"
+    if (path / "tokenizer_config.json").is_file():
+        return path
+    say(f"writing the {model} checkpoint (random weights) to {path}")
+    config = LlamaConfig(**SHAPES[model], vocab_size=32000, max_position_embeddings=4096, torch_dtype="float32")
+    ckpt = RandomCheckpoint(config, seed=0)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({name: ckpt.load_as(name, torch.float32).contiguous() for name in ckpt.names()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    # genai's builder saves the checkpoint's tokenizer: a real 32000-piece Llama-family one where the test extras
+    # are installed (mistral-common ships it), else tiny's
+    try:
+        import mistral_common
+
+        shutil.copyfile(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", path / "tokenizer.model")
+    except ImportError:
+        from exporter.presets import TINY_DIR
+
+        shutil.copyfile(TINY_DIR / "tokenizer.model", path / "tokenizer.model")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "unk_token": "<unk>"}))
+    return path
+
+
+def venv(root: Path, name: str) -> Path:
+    python = root / name / "bin" / "python"
+    if not python.is_file():
+        say(f"creating the {name} environment in {root / name} (first use: a few minutes)")
+        run([sys.executable, "-m", "venv", root / name])
+        run([python, "-m", "pip", "install", "-q", "torch==2.13.0"])
+        run([python, "-m", "pip", "install", "-q", *VENVS[name]])
+    return python
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(SHAPES), default="gqa-mid")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", nargs="+", choices=list(PEER_VENV), default=list(PEER_VENV))
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "peers")
+    args = parser.parse_args()
+    work = args.work / args.model
+    ckpt = checkpoint(work, args.model)
+    pythons = {name: venv(args.work / "venvs", name) for name in {PEER_VENV[p] for p in args.peers}}
+    for name, flags in OURS.items():
+        if not (work / name / "manifest.json").is_file():
+            say(f"llama-export → {work / name}")
+            run([sys.executable, "-m", "exporter.cli", "--checkpoint", ckpt, "--fp32", "--no-verify", "-o", work / name,
+                 *flags], cwd=ROOT)
+    genai_dir = work / "genai"
+    if "genai" in args.peers and not (genai_dir / "genai_config.json").is_file():
+        say(f"onnxruntime-genai's builder → {genai_dir}")
+        run([pythons["genai"], "-m", "onnxruntime_genai.models.builder", "-i", ckpt, "-o", genai_dir, "-p", "fp32",
+             "-e", "cpu", "-c", work / "genai-cache"])
+    common = ["--prompt-len", args.prompt_len, "--gen-len", args.gen_len, "--runs", args.runs,
+              "--threads", args.threads]
+    rows = []
+    for batch in args.batch:
+        for name in OURS:
+            say(f"batch {batch}: {name}")
+            report = json.loads(run([sys.executable, "-m", "runtime.bench", work / name, "--batch", batch, *common,
+                                     "--json"], cwd=ROOT))
+            rows.append({"system": name, "batch": batch, "prefill_ms": report["prefill_ms"],
+                         "decode_tokens_per_s": report["decode_tokens_per_s"],
+                         "bandwidth_fraction": report["bandwidth_fraction"]})
+        for peer in args.peers:
+            say(f"batch {batch}: {peer}")
+            model_dir = genai_dir if peer == "genai" else ckpt
+            report = json.loads(run([pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer, model_dir,
+                                     "--work", work, "--vocab", 32000, "--batch", batch, *common]))
+            rows.append({"system": peer, "batch": batch, "prefill_ms": report["prefill_ms"],
+                         "decode_tokens_per_s": report["decode_tokens_per_s"]})
+    print(f"\n{args.model}, fp32, {args.prompt_len} + {args.gen_len} tokens, {args.threads} threads, "
+          f"median of {args.runs}\n")
+    print(f"{'system':<14} {'batch':>5} {'decode tok/s':>13} {'prefill ms':>11} {'ours/this decode':>17} "
+          f"{'ours/this prefill':>18}")
+    for batch in args.batch:
+        mine = [r for r in rows if r["batch"] == batch and r["system"] in OURS]
+        best = max(mine, key=lambda r: r["decode_tokens_per_s"])
+        quickest = min(r["prefill_ms"] for r in mine)
+        for r in (r for r in rows if r["batch"] == batch):
+            print(f"{r['system']:<14} {batch:>5} {r['decode_tokens_per_s']:>13.2f} {r['prefill_ms']:>11.1f} "
+                  f"{best['decode_tokens_per_s'] / r['decode_tokens_per_s']:>17.2f} "
+                  f"{quickest / r['prefill_ms']:>18.2f}")
+    (work / "results.json").write_text(json.dumps(rows, indent=2))
+    say(f"rows written to {work / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
