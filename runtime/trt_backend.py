@@ -123,18 +123,20 @@ class TrtBackend:
 
     def empty_cache(self, batch: int) -> TrtCache:
         torch = self.torch
-        if self.flavour == "static":
-            shape = (batch, self.kv_heads, self.slots, self.head_dim)  # zeros: masked slots still meet V
-            return TrtCache([[torch.zeros(shape, dtype=self.cache_dtype, device=self.device)] for _ in self.names], 0)
-        size = batch * self.kv_heads * self.max_length * self.head_dim
-        return TrtCache([[torch.empty(size, dtype=self.cache_dtype, device=self.device) for _ in range(2)]
-                         for _ in self.names], 0)
+        with torch.cuda.stream(self.stream):  # every buffer is made and used on the engine's stream
+            if self.flavour == "static":
+                shape = (batch, self.kv_heads, self.slots, self.head_dim)  # zeros: masked slots still meet V
+                return TrtCache([[torch.zeros(shape, dtype=self.cache_dtype, device=self.device)]
+                                 for _ in self.names], 0)
+            size = batch * self.kv_heads * self.max_length * self.head_dim
+            return TrtCache([[torch.empty(size, dtype=self.cache_dtype, device=self.device) for _ in range(2)]
+                             for _ in self.names], 0)
 
     def keep_rows(self, past: TrtCache, rows: list[int]) -> TrtCache:
         """A cache of only these rows (one copy on the GPU, when rows finish)."""
-        index = self.torch.tensor(rows, device=self.device)
         smaller = self.empty_cache(len(rows))
         with self.torch.cuda.stream(self.stream):
+            index = self.torch.tensor(rows, device=self.device)
             for old, new in zip(past.buffers, smaller.buffers):
                 if self.flavour == "static":
                     new[0].copy_(old[0].index_select(0, index))
