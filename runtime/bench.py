@@ -3,9 +3,9 @@
 Decode on a CPU is bound by reading every weight (and the KV cache) once per step, so the figure
 that says how good a runtime is, is bytes read per step ÷ step time, against a read bandwidth this
 command measures itself in the same run, before and after the timed runs, with the same thread count:
-the best run of ONNX Runtime's matrix-vector product over 512 MiB of constant weights and of a ReduceSum
-over the same bytes (`read_bandwidth`). With `--backend trt` the reference is the GPU's memory (HBM)
-bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
+the best run of ONNX Runtime's matrix-vector products over 256 MiB of constant weights (narrow and wide
+matrices) and of a ReduceSum over the same bytes (`read_bandwidth`). With `--backend trt` the reference is
+the GPU's memory (HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -29,43 +29,58 @@ from .generate import decode_one_token, prefill
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def read_bandwidth(threads: int | None, megabytes: int = 512, repeats: int = 5) -> float:
-    """The best read bandwidth (bytes/s) ONNX Runtime reaches over `megabytes`, far larger than the caches,
-    with `threads` threads: the best single run of two probes, each run `repeats` times: a matrix-vector
-    product over constant weights (prepacked at load, as a model's are: decode's own access pattern) and a
-    ReduceSum over the same bytes fed as an input. The best run, not the median, so that the fraction of
-    it a decode step reaches is not flattered by a probe that ran while the machine was busy."""
+def read_bandwidth(threads: int | None, megabytes: int = 256, repeats: int = 20) -> float:
+    """The best read bandwidth (bytes/s) ONNX Runtime reaches over `megabytes`, far more than the caches hold,
+    with `threads` threads: the best single run (each probe run `repeats` times) of
+    - decode's own access pattern: a chain of matrix-vector products over constant (prepacked) 2048×4096 and
+      4096×2048 weights of distinct random values (so nothing can be shared or compressed);
+    - the same chain over one 8192-row matrix (ONNX Runtime reads narrow matrices faster, wide ones slower);
+    - a ReduceSum over the same bytes, fed as an input.
+    The best run, not the median, so that the fraction of it a decode step reaches is not flattered by a probe
+    that ran while the machine was busy."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper, save
 
-    k = 8192
-    n = megabytes * (1 << 20) // (4 * k)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    weights = np.full((k, n), 0.25, np.float32)
     opset = [helper.make_opsetid("", 18)]
+    rng = np.random.default_rng(0)
+    total = megabytes << 20
+    sessions = []
     with tempfile.TemporaryDirectory() as scratch:  # weights as external data: a model proto holds < 2 GB
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-                                  [numpy_helper.from_array(weights, "w")])
-        save(helper.make_model(graph, opset_imports=opset), f"{scratch}/gemv.onnx", save_as_external_data=True,
-             location="gemv.data")
-        gemv = ort.InferenceSession(f"{scratch}/gemv.onnx", options, providers=["CPUExecutionProvider"])
+        for rows, cols in ((2048, 4096), (8192, total // (4 * 8192))):
+            count = max(1, total // (4 * rows * cols))
+            shapes = [(rows, cols) if i % 2 == 0 else (cols, rows) for i in range(count)]
+            weights = [numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32), f"w{i}")
+                       for i, shape in enumerate(shapes)]
+            nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"y{i - 1}", f"w{i}"], [f"y{i}"])
+                     for i in range(count)]
+            graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+                                      [helper.make_tensor_value_info(f"y{count - 1}", TensorProto.FLOAT,
+                                                                     [1, shapes[-1][1]])], weights)
+            path = f"{scratch}/gemv{rows}.onnx"
+            save(helper.make_model(graph, opset_imports=opset), path, save_as_external_data=True,
+                 location=f"gemv{rows}.data")
+            del weights, graph
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            sessions.append((session, {"x": np.full((1, rows), 0.5, np.float32)}, 4 * rows * cols * count))
+    k = 8192
+    n = total // (4 * k)
     reduce_graph = helper.make_graph([helper.make_node("ReduceSum", ["w"], ["y"], keepdims=0)], "reduce",
                                      [helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     reduce = ort.InferenceSession(helper.make_model(reduce_graph, opset_imports=opset).SerializeToString(), options,
                                   providers=["CPUExecutionProvider"])
-    best = float("inf")
-    for session, feed in ((gemv, {"x": np.full((1, k), 0.5, np.float32)}), (reduce, {"w": weights})):
+    sessions.append((reduce, {"w": np.full((k, n), 0.25, np.float32)}, 4 * k * n))
+    best = 0.0
+    for session, feed, size in sessions:
         session.run(None, feed)  # warm-up
         for _ in range(repeats):
             start = time.perf_counter()
             session.run(None, feed)
-            best = min(best, time.perf_counter() - start)
-    return k * n * 4 / best
+            best = max(best, size / (time.perf_counter() - start))
+    return best
 
 
 def probe_apart(threads: int | None) -> float:
@@ -141,7 +156,8 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     if not c.get("tie_word_embeddings"):  # a decode step gathers one embedding row, not the table
         weights -= c["vocab_size"] * c["hidden_size"] * BYTES[artifact.dtype]
     mean_len = prompt_len + (gen_len + 1) / 2
-    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * artifact.head_dim * BYTES[artifact.dtype]
+    per_element = BYTES[artifact.dtype]
+    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * artifact.head_dim * per_element
     cache = kv_bytes_per_token * mean_len * batch
     per_step = weights + cache
     bandwidth = max(bandwidth, probe())

@@ -120,6 +120,7 @@ class TrtBackend:
         self.names = [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}") for i in range(self.num_layers)
                       for kind in ("key", "value")]
         self._keep = np.zeros((), np.int64)  # the host shape tensor; alive as long as the backend
+        self._outputs: dict[int, Any] = {}
 
     def empty_cache(self, batch: int) -> TrtCache:
         torch = self.torch
@@ -166,7 +167,13 @@ class TrtBackend:
         return tensors
 
     def _logits(self, context, batch: int, kept: int):
-        logits = self.torch.empty((batch, kept, self.vocab), dtype=self.torch.float32, device=self.device)
+        """The logits buffer: one per batch size for the usual one kept position, allocated on first use and
+        reused (each step copies it out); a fresh one for other shapes."""
+        logits = self._outputs.get(batch) if kept == 1 else None
+        if logits is None:
+            logits = self.torch.empty((batch, kept, self.vocab), dtype=self.torch.float32, device=self.device)
+            if kept == 1:
+                self._outputs[batch] = logits
         shape = tuple(context.get_tensor_shape("logits"))
         if shape != tuple(logits.shape):
             raise RuntimeError(f"the engine's logits are {shape}, expected {tuple(logits.shape)}")
