@@ -10,12 +10,9 @@ import click
 
 from runtime.artifact import Artifact, ArtifactError
 
-from .engine import build_engine, describe, tensorrt_status
+from .engine import EXIT_NO_TENSORRT, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .trt_profiles import limits, profiles
-
-EXIT_NO_TENSORRT = 3
-
 
 def _describe(plan: list[dict]) -> str:
     lines = []
@@ -75,7 +72,7 @@ def main(directory, max_batch, max_input_len, max_seq_len, timing_cache, opt_lev
     \b
     Examples:
       llama-build out/13b-float16-trt
-      llama-build out/tiny-float32-trt --max-batch 8 --max-input-len 512 --max-seq-len 2048
+      llama-build out/tiny-float32-trt --max-batch 8 --max-input-len 256 --max-seq-len 512
       llama-build out/7b-float16-int8-trt --timing-cache ~/.cache/trt.cache --dry-run
     """
     try:

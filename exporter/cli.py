@@ -12,9 +12,8 @@ from graphs import pipeline
 
 from . import calibration as calibration_text
 from .artifact import build_artifact, truncate_layers
-from .build_cli import EXIT_NO_TENSORRT
 from .cli_options import dtype_option, model_options
-from .engine import build_command, build_engine, describe, tensorrt_status
+from .engine import EXIT_NO_TENSORRT, build_command, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .presets import PRESET_NAMES, find_tokenizer, resolve_checkpoint
 from .trt_profiles import limits

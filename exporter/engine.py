@@ -23,6 +23,7 @@ from .errors import ExportError
 from .trt_profiles import Limits, SHAPE_TENSORS, profiles, to_polygraphy
 
 ENGINE_FILE = "model.plan"
+EXIT_NO_TENSORRT = 3  # the status of a command that needs TensorRT and a GPU where either is missing
 MIN_TENSORRT = 11  # strongly typed networks; the parser imports Attention, RMSNormalization, TensorScatter
 
 
