@@ -16,7 +16,7 @@ from .cli_options import dtype_option, model_options
 from .engine import EXIT_NO_TENSORRT, build_command, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .presets import PRESET_NAMES, find_tokenizer, resolve_checkpoint
-from .trt_profiles import limits
+from .trt_profiles import Limits
 from .verify import verify_artifact
 
 
@@ -102,8 +102,8 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
     """
     try:
         started = time.perf_counter()
+        status = tensorrt_status() if target == "auto" or (target == "trt" and build) else None
         if target == "auto":
-            status = tensorrt_status()
             target = "trt" if status.usable else "ort"
             click.echo(f"target auto → {target}: {status.reason}"
                        + ("" if status.usable else " (pass --target trt for a TensorRT-ready artifact anyway)"),
@@ -154,12 +154,11 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
                        f"top-1 {'identical' if result['top1_identical'] else 'DIFFERENT'}")
         click.echo(f"wrote {output} in {time.perf_counter() - started:.1f} s")
         if target == "trt" and build:
-            status = tensorrt_status()
             if not status.usable:
                 click.echo(f"TensorRT engine not built: {status.reason}. {output} is ready for TensorRT; on a machine "
                            f"with TensorRT 11 and an NVIDIA GPU, finish with:\n  {build_command(output)}", err=True)
                 sys.exit(EXIT_NO_TENSORRT)
-            lim = limits(manifest["graph"], manifest["model"]["config"])
+            lim = Limits(**manifest["tensorrt"]["limits"])  # the defaults the export recorded
             manifest = build_engine(output, manifest, lim, timing_cache=output / "timing.cache",
                                     log=lambda msg: click.echo(msg, err=True))
             click.echo(describe(output, manifest))

@@ -34,6 +34,20 @@ def ort_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np
     return feed
 
 
+def static_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, written: int,
+                slots: int) -> dict[str, np.ndarray]:
+    """The static graph's step inputs besides the cache and logits_to_keep: the portable `[batch, written +
+    sequence]` mask placed on the first of `slots` slots, and the slot each row writes first."""
+    batch, seq = input_ids.shape
+    total = written + seq
+    if attention_mask.shape != (batch, total):
+        raise ValueError(f"attention_mask is {attention_mask.shape}, expected {(batch, total)}")
+    mask = np.zeros((batch, slots), np.int64)
+    mask[:, :total] = attention_mask
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+            "write_indices": np.full(batch, written, np.int64)}
+
+
 class Backend(Protocol):
     max_length: int
     num_layers: int
@@ -127,12 +141,8 @@ class StaticOrtBackend(OrtBackend):
         if total > self.max_sequence_length:
             raise ValueError(f"{total} tokens do not fit the static cache of {self.max_sequence_length} slots; "
                              f"re-export with a larger --max-seq-len")
-        if attention_mask.shape != (batch, total):
-            raise ValueError(f"attention_mask is {attention_mask.shape}, expected {(batch, total)}")
-        mask = np.zeros((batch, self.max_sequence_length), np.int64)
-        mask[:, :total] = attention_mask
-        feed = ort_feed(input_ids, mask, position_ids, [], logits_to_keep)
-        feed["write_indices"] = np.full(batch, past.length, np.int64)
+        feed = static_feed(input_ids, attention_mask, position_ids, past.length, self.max_sequence_length)
+        feed["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
         feed = {name: np.ascontiguousarray(array) for name, array in feed.items()}  # alive until the run ends

@@ -109,7 +109,6 @@ class Generation:
                 stream.push(token)
         logits, past, mask, last_pos = prefill(self.backend, [s.prompt for s in seqs])
         active = list(range(len(seqs)))  # the sequence behind each row of the backend's batch
-        keep_rows = getattr(self.backend, "keep_rows", None)
         for step in range(self.max_new_tokens):
             rows = [seqs[i] for i in active]
             seen = [s.prompt + s.tokens for s in rows] if self.params.repetition_penalty != 1.0 else None
@@ -127,13 +126,11 @@ class Generation:
             if all(s.finish_reason for s in seqs):
                 break
             running = [row for row, i in enumerate(active) if not seqs[i].finish_reason]
-            if keep_rows is not None and len(running) < len(active):  # finished rows leave the batch
-                past = keep_rows(past, running)
+            if len(running) < len(active):  # finished rows leave the batch
+                past = self.backend.keep_rows(past, running)
                 tokens, mask, last_pos = tokens[running], mask[running], last_pos[running]
                 active = [active[row] for row in running]
-            # where the backend cannot drop rows, finished ones are fed EOS and ignored
-            feed = np.where([seqs[i].finish_reason is not None for i in active], self.tokenizer.eos_id, tokens)
-            logits, past, mask, last_pos = decode_one_token(self.backend, feed, past, mask, last_pos)
+            logits, past, mask, last_pos = decode_one_token(self.backend, tokens, past, mask, last_pos)
         self.results = [Result(s.tokens, s.text, s.finish_reason or "length") for s in seqs]
 
 

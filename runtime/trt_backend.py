@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import Artifact
+from .backends import static_feed
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 KEEP = "logits_to_keep"
@@ -212,11 +213,7 @@ class TrtBackend:
 
     def _forward_static(self, context, input_ids, attention_mask, position_ids, past, keep, kept):
         batch, seq = input_ids.shape
-        total = past.length + seq
-        mask = np.zeros((batch, self.slots), np.int64)
-        mask[:, :total] = attention_mask
-        feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-                 "write_indices": np.full(batch, past.length, np.int64)}
+        feeds = static_feed(input_ids, attention_mask, position_ids, past.length, self.slots)
         if self.cuda_graph and seq == 1:
             host = self._replay(context, feeds, past, keep, kept).cpu().numpy()
         else:
@@ -226,7 +223,7 @@ class TrtBackend:
             self._run(context)
             host = logits.cpu().numpy()
             tensors.clear()
-        return host, TrtCache(past.buffers, total, 0, past.graphs)
+        return host, TrtCache(past.buffers, past.length + seq, 0, past.graphs)
 
     def _bind_cache(self, context, past: TrtCache) -> None:
         for (past_name, present_name), (buffer,) in zip(self.names, past.buffers):
