@@ -4,9 +4,10 @@
     .venv/bin/python examples/peers.py --model small --batch 1 --peers genai
 
 It writes a random-weight Hugging Face checkpoint of Llama-2 shapes (`small`, `gqa-mid`), exports it
-with llama-export (fp32: `--target ort`, and `--target onnx --kv-cache static`), builds genai's model with
-its own builder, and runs llama-bench's workload (batch B, 128 prompt tokens, 128 decode steps, greedy,
-median of 3 after a warm-up) on each system, one after the other in this one run. The peers live in
+with llama-export (fp32: `--target ort`, and `--target ort --kv-cache static`), builds genai's model with
+its own builder, and runs llama-bench's workload (batch B, 128 prompt tokens, 128 decode steps, greedy, one
+timed run after a warm-up) on each system in turn, round robin for `--runs` rounds (default 3) in this one
+run, so that the shared machine's drift falls on every system alike; the table gives medians. The peers live in
 virtual environments of their own under WORK/venvs (genai 0.18's builder needs transformers 5,
 optimum-onnx needs transformers < 4.58); they are created on first use. The table gives decode tokens/s,
 prefill latency, and the ratios of llama-export's best artifact to each system: decode tokens/s (above 1:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +38,7 @@ VENVS = {"genai": ["onnxruntime-genai==0.18.*", "transformers>=5", "onnx-ir", "s
          "optimum": ["optimum-onnx[onnxruntime]==0.1.*", "transformers<4.58", "safetensors", "numpy"]}
 PEER_VENV = {"genai": "genai", "optimum": "optimum", "transformers": "optimum"}
 OURS = {"ours-ort": ["--target", "ort"],
-        "ours-static": ["--target", "onnx", "--kv-cache", "static", "--max-seq-len", "512"]}
+        "ours-ort-static": ["--target", "ort", "--kv-cache", "static", "--max-seq-len", "512"]}
 
 
 def say(message: str) -> None:
@@ -118,26 +120,31 @@ def main() -> None:
         say(f"onnxruntime-genai's builder → {genai_dir}")
         run([pythons["genai"], "-m", "onnxruntime_genai.models.builder", "-i", ckpt, "-o", genai_dir, "-p", "fp32",
              "-e", "cpu", "-c", work / "genai-cache"])
-    common = ["--prompt-len", args.prompt_len, "--gen-len", args.gen_len, "--runs", args.runs,
-              "--threads", args.threads]
+    common = ["--prompt-len", args.prompt_len, "--gen-len", args.gen_len, "--runs", 1, "--threads", args.threads]
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for round_ in range(args.runs):  # round robin: every system once per round, so drift hits all alike
+        for batch in args.batch:
+            for name in OURS:
+                say(f"round {round_ + 1}/{args.runs}, batch {batch}: {name}")
+                report = json.loads(run([sys.executable, "-m", "runtime.bench", work / name, "--batch", batch,
+                                         *common, "--json"], cwd=ROOT))
+                runs.setdefault((name, batch), []).append(report)
+            for peer in args.peers:
+                say(f"round {round_ + 1}/{args.runs}, batch {batch}: {peer}")
+                model_dir = genai_dir if peer == "genai" else ckpt
+                report = json.loads(run([pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer,
+                                         model_dir, "--work", work, "--vocab", 32000, "--batch", batch, *common]))
+                runs.setdefault((peer, batch), []).append(report)
     rows = []
-    for batch in args.batch:
-        for name in OURS:
-            say(f"batch {batch}: {name}")
-            report = json.loads(run([sys.executable, "-m", "runtime.bench", work / name, "--batch", batch, *common,
-                                     "--json"], cwd=ROOT))
-            rows.append({"system": name, "batch": batch, "prefill_ms": report["prefill_ms"],
-                         "decode_tokens_per_s": report["decode_tokens_per_s"],
-                         "bandwidth_fraction": report["bandwidth_fraction"]})
-        for peer in args.peers:
-            say(f"batch {batch}: {peer}")
-            model_dir = genai_dir if peer == "genai" else ckpt
-            report = json.loads(run([pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer, model_dir,
-                                     "--work", work, "--vocab", 32000, "--batch", batch, *common]))
-            rows.append({"system": peer, "batch": batch, "prefill_ms": report["prefill_ms"],
-                         "decode_tokens_per_s": report["decode_tokens_per_s"]})
+    for (system, batch), reports in runs.items():
+        row = {"system": system, "batch": batch, "runs": len(reports)}
+        for key in ("prefill_ms", "decode_tokens_per_s", "bandwidth_fraction"):
+            if key in reports[0]:
+                row[key] = statistics.median(r[key] for r in reports)
+                row[f"{key}_each"] = [r[key] for r in reports]
+        rows.append(row)
     print(f"\n{args.model}, fp32, {args.prompt_len} + {args.gen_len} tokens, {args.threads} threads, "
-          f"median of {args.runs}\n")
+          f"median of {args.runs} round-robin rounds\n")
     print(f"{'system':<14} {'batch':>5} {'decode tok/s':>13} {'prefill ms':>11} {'ours/this decode':>17} "
           f"{'ours/this prefill':>18}")
     for batch in args.batch:

@@ -38,7 +38,9 @@ def _progress(total: int):
               help="Which graph passes run. onnx: standard ONNX opset 23 (RMSNormalization, RotaryEmbedding, GQA "
                    "Attention with the cache Concat outside, packed qkv and gate/up). trt: the same, checked "
                    "against TensorRT 11's ONNX-parser rules, then the engine is built (see --build). ort: the "
-                   "same plus ONNX Runtime's contrib fusions; int8 as MatMulNBits. auto: trt when TensorRT 11 "
+                   "same plus ONNX Runtime's contrib fusions (GroupQueryAttention, SkipSimplifiedLayerNormalization, "
+                   "RotaryEmbedding; with --kv-cache static one shared past/present buffer, its fastest form); "
+                   "int8 as MatMulNBits. auto: trt when TensorRT 11 "
                    "imports and a CUDA GPU is visible, else ort (the choice and its reason are printed).")
 @click.option("--build/--no-build", default=True, show_default=True,
               help="With target trt: build the TensorRT engine right after the export (llama-build's defaults). "
@@ -50,7 +52,8 @@ def _progress(total: int):
 @click.option("--kv-cache", type=click.Choice(["portable", "static"]), default="portable", show_default=True,
               help="portable: past/present that grow by Concat (any runtime). static: fixed buffers of --max-seq-len "
                    "slots written by opset-24 TensorScatter, each present output aliasing its past input (TensorRT's "
-                   "KV-cache update; ONNX Runtime updates it in place), attention masked by length.")
+                   "KV-cache update; ONNX Runtime updates it in place; with --target ort GroupQueryAttention writes "
+                   "it), attention masked by length.")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
               help="Slots of the static cache (prompt + generated tokens) [default: the model's "
                    "max_position_embeddings].")

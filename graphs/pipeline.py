@@ -9,7 +9,8 @@ Targets (all keep the portable I/O contract: past/present, logits_to_keep, float
   (cache Concat outside, explicit 4-D mask), packed QKV and gate/up; int8 as DequantizeLinear → MatMul.
   trt additionally must pass `trt_check` (TensorRT 11's parser rules).
 - ort: the same fusions, then ONNX Runtime's contrib ops: SkipSimplifiedLayerNormalization, RotaryEmbedding
-  on constant caches; int8 as `MatMulNBits` (bits=8).
+  on constant caches, GroupQueryAttention (with the static cache: one buffer as past and present, updated
+  in place); int8 as `MatMulNBits` (bits=8).
 SmoothQuant W8A8 (every target) calibrates on token sequences in ONNX Runtime, then writes Q/DQ pairs on
 the activations and int8 → DequantizeLinear on the smoothed weights. The static KV cache (every target)
 changes the contract: fixed cache buffers written by opset-24 TensorScatter at `write_indices`.
@@ -30,8 +31,8 @@ import onnx_ir as ir
 from onnxscript import optimizer
 
 from . import calibrate, trt_check
-from .rules import (ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, smooth_quant, static_cache,
-                    weight_int8)
+from .rules import (ort_gqa, ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, smooth_quant,
+                    static_cache, weight_int8)
 from .rules._tensors import release
 
 TARGETS = ("onnx", "ort", "trt")
@@ -106,6 +107,9 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
     if max_seq is not None:
         steps.append((f"static KV cache (TensorScatter, {max_seq} slots)",
                       lambda m: static_cache.apply(m, max_seq), "caches made static"))
+    if target == "ort" and max_positions:
+        sharing = ", past and present share one buffer" if max_seq is not None else ""
+        steps.append((f"GroupQueryAttention (com.microsoft{sharing})", ort_gqa.apply, "layers fused"))
     steps.append(("cleanup", _cleanup, "nodes removed"))
     return steps
 

@@ -106,36 +106,46 @@ class StaticCache:
     buffers: list[tuple[Any, Any]]  # onnxruntime.OrtValue pairs
     length: int
     host: list[np.ndarray] = field(default_factory=list, repr=False)  # the CPU arrays the OrtValues wrap
+    binding: Any = field(default=None, repr=False)  # an IOBinding with each buffer bound as past and present
 
 
 class StaticOrtBackend(OrtBackend):
-    """ONNX Runtime on a static-cache graph, the cache updated in place through IOBinding."""
+    """ONNX Runtime on a static-cache graph, the cache updated in place through IOBinding. The binding of the
+    buffers is made once per cache, so a step binds only its small inputs and its logits."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None, providers: list[str] | None = None):
         super().__init__(artifact, threads, providers)
         self.max_sequence_length = artifact.max_sequence_length
+        self.vocab_size = artifact.config["vocab_size"]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
-    def empty_cache(self, batch: int) -> StaticCache:
+    def _cache(self, host: list[np.ndarray], length: int) -> StaticCache:
         import onnxruntime as ort
 
-        shape = (batch, self.kv_heads, self.max_sequence_length, self.head_dim)
-        host = [np.zeros(shape, self.cache_dtype) for _ in range(2 * self.num_layers)]
-        # zero-filled, since masked slots still meet the value matrix (0 × NaN would be NaN). On the CPU an
-        # OrtValue wraps its numpy array without copying, so each buffer has its own array, kept alive here.
+        # On the CPU an OrtValue wraps its numpy array without copying, so each buffer has its own array,
+        # kept alive by the cache.
         values = [ort.OrtValue.ortvalue_from_numpy(array, self.device) for array in host]
-        return StaticCache(list(zip(values[0::2], values[1::2])), 0, host if self.device == "cpu" else [])
+        binding = self.session.io_binding()
+        for i in range(self.num_layers):
+            for kind, buffer in (("key", values[2 * i]), ("value", values[2 * i + 1])):
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
+                binding.bind_ortvalue_output(f"present.{i}.{kind}", buffer)
+        return StaticCache(list(zip(values[0::2], values[1::2])), length, host if self.device == "cpu" else [],
+                           binding)
+
+    def empty_cache(self, batch: int) -> StaticCache:
+        shape = (batch, self.kv_heads, self.max_sequence_length, self.head_dim)
+        # zero-filled, since masked slots still meet the value matrix (0 × NaN would be NaN)
+        return self._cache([np.zeros(shape, self.cache_dtype) for _ in range(2 * self.num_layers)], 0)
 
     def keep_rows(self, past: StaticCache, rows: list[int]) -> StaticCache:
         """New, smaller buffers holding these rows (one copy, when rows finish)."""
-        import onnxruntime as ort
-
         arrays = past.host or [value.numpy() for pair in past.buffers for value in pair]
-        host = [np.ascontiguousarray(array[rows]) for array in arrays]
-        values = [ort.OrtValue.ortvalue_from_numpy(array, self.device) for array in host]
-        return StaticCache(list(zip(values[0::2], values[1::2])), past.length, host if self.device == "cpu" else [])
+        return self._cache([np.ascontiguousarray(array[rows]) for array in arrays], past.length)
 
     def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
+        import onnxruntime as ort
+
         batch, seq = input_ids.shape
         total = past.length + seq
         if total > self.max_sequence_length:
@@ -143,18 +153,15 @@ class StaticOrtBackend(OrtBackend):
                              f"re-export with a larger --max-seq-len")
         feed = static_feed(input_ids, attention_mask, position_ids, past.length, self.max_sequence_length)
         feed["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        binding = past.binding
         feed = {name: np.ascontiguousarray(array) for name, array in feed.items()}  # alive until the run ends
         for name, array in feed.items():
             binding.bind_cpu_input(name, array)
-        for i, (key, value) in enumerate(past.buffers):
-            for kind, buffer in (("key", key), ("value", value)):
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
-                binding.bind_ortvalue_output(f"present.{i}.{kind}", buffer)
+        kept = seq if logits_to_keep <= 0 else min(logits_to_keep, seq)
+        logits = np.empty((batch, kept, self.vocab_size), np.float32)  # written by the run, owned by the caller
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
-        return logits, StaticCache(past.buffers, total, past.host)
+        return logits, StaticCache(past.buffers, total, past.host, binding)
 
 
 BACKENDS = ("ort", "trt")

@@ -68,6 +68,41 @@ def assert_same_outputs(before: Path, after: Path, tolerance: float = 1e-5, np_d
     return worst
 
 
+def assert_updates_in_place(path: Path, config=GQA, slots: int = 16) -> None:
+    """A static-cache graph with one CPU buffer bound as both past and present, for a prefill of 3 and a decode
+    step: ONNX Runtime writes the new keys/values into that buffer (no new output), and they equal an unbound
+    run's presents."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    kvh, d, names = config.num_key_value_heads, config.head_dim, []
+    for i in range(config.num_hidden_layers):
+        names += [f"{i}.key", f"{i}.value"]
+    host = [np.zeros((1, kvh, slots, d), np.float32) for _ in names]
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in host]
+    expected = [np.zeros_like(a) for a in host]
+    for written, ids in ((0, np.array([[5, 6, 7]])), (3, np.array([[8]]))):
+        seq = ids.shape[1]
+        mask = np.zeros((1, slots), np.int64)
+        mask[:, :written + seq] = 1
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.arange(written, written + seq)[None],
+                "logits_to_keep": np.array(1, np.int64), "write_indices": np.full(1, written, np.int64)}
+        binding = session.io_binding()
+        binding.bind_output("logits", "cpu")
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(names, values):
+            binding.bind_ortvalue_input(f"past_key_values.{name}", value)
+            binding.bind_ortvalue_output(f"present.{name}", value)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        assert all(o.data_ptr() == v.data_ptr() for o, v in zip(outputs[1:], values))
+        expected = run(path, {**feed, **{f"past_key_values.{n}": e for n, e in zip(names, expected)}})[1:]
+        for array, want in zip(host, expected):  # the numpy arrays themselves now hold the presents
+            np.testing.assert_array_equal(array[:, :, :written + seq], want[:, :, :written + seq])
+            assert array[:, :, written:written + seq].any() and not array[:, :, written + seq:].any()
+
+
 def perplexity(directory, ids) -> tuple[float, np.ndarray]:
     """Perplexity of the artifact in `directory` (ORT, optimizations on) on `ids`, and its top-1 per position."""
     empty = np.zeros((1, 4, 0, 32), np.float32)

@@ -33,9 +33,13 @@ def test_fused_graph_matches_reference(tmp_path, name, target):
     layers = ckpt.config.num_hidden_layers
     norms = counts["RMSNormalization"] + counts.get("SkipSimplifiedLayerNormalization", 0)
     assert norms == 2 * layers + 1 and counts["RotaryEmbedding"] == 2 * layers
-    if target == "ort":  # residual Adds fused into the norms; rope reads constant caches by position
+    if target == "ort":  # residual Adds fused into the norms; rope reads constant caches by position; one
+        # GroupQueryAttention per layer reads [batch, seq, hidden] and updates the cache itself
         assert counts["SkipSimplifiedLayerNormalization"] == 2 * layers and "Cos" not in counts
-    assert counts["Attention"] == layers and counts["Split"] == 2 * layers  # packed qkv and gate/up
+        assert counts["GroupQueryAttention"] == layers and not {"Attention", "Concat", "Transpose"} & set(counts)
+    else:
+        assert counts["Attention"] == layers
+    assert counts["Split"] == 2 * layers  # packed qkv and gate/up
     for op in LEFT_IN_LAYERS:  # one shared cos/sin cache for all layers, nothing per layer
         assert counts.get(op, 0) <= (1 if op in ("Sin", "Cos") else 0), op
     worst = 0.0
@@ -49,14 +53,15 @@ def test_fused_graph_matches_reference(tmp_path, name, target):
             "pass": "TensorRT-compatibility check", "changed": 0, "detail": "passed"}
 
 
-def test_fused_fp16_tiny_top1_identical(tmp_path):
+@pytest.mark.parametrize("target", ["trt", "ort"])
+def test_fused_fp16_tiny_top1_identical(tmp_path, target):
     ckpt = checkpoint("tiny")
-    build_artifact(ckpt, tmp_path / "a", "float16", log=lambda m: None, target="trt", optimize=True)
+    build_artifact(ckpt, tmp_path / "a", "float16", log=lambda m: None, target=target, optimize=True)
     worst = 0.0
     for ours, ref, real, _, _ in run_steps(session(tmp_path / "a"), load_model(ckpt), ckpt.config, np.float16, 1):
         assert (ours.argmax(-1) == ref.argmax(-1))[real].all()
         worst = max(worst, float(np.abs(ours - ref)[real].max()))
-    print(f"tiny trt fp16 fused: top-1 identical on every step, max |logit diff| {worst:.4g}")
+    print(f"tiny {target} fp16 fused: top-1 identical on every step, max |logit diff| {worst:.4g}")
 
 
 def test_manifest_records_every_pass(tmp_path):

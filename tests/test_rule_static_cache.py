@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from graphs import pipeline, trt_check
 from graphs.rules import static_cache
 from runtime.backends import ort_feed
-from graph_helpers import GQA, run, save, traced
+from graph_helpers import GQA, assert_updates_in_place, run, save, traced
 from test_onnx_export import cli
 
 SLOTS = 16
@@ -82,32 +81,7 @@ def test_static_graph_contract_and_trt_check(graphs):
 
 def test_onnx_runtime_updates_the_bound_buffer_in_place(graphs):
     """Binding one CPU buffer as both past and present: ORT writes the new keys into it, no new output."""
-    _, static = graphs
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(static), options, providers=["CPUExecutionProvider"])
-    kvh, d = GQA.num_key_value_heads, GQA.head_dim
-    host = [np.zeros((1, kvh, SLOTS, d), np.float32) for _ in range(2 * GQA.num_hidden_layers)]
-    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in host]
-    ids = np.array([[5, 6, 7]])
-    feed = ort_feed(ids, np.pad(np.ones((1, 3), np.int64), ((0, 0), (0, SLOTS - 3))), np.arange(3)[None], [], 1)
-    feed["write_indices"] = np.zeros(1, np.int64)
-    binding = session.io_binding()
-    binding.bind_output("logits", "cpu")
-    for name, array in feed.items():
-        binding.bind_cpu_input(name, array)
-    for i, value in enumerate(values):
-        kind = ("key", "value")[i % 2]
-        binding.bind_ortvalue_input(f"past_key_values.{i // 2}.{kind}", value)
-        binding.bind_ortvalue_output(f"present.{i // 2}.{kind}", value)
-    session.run_with_iobinding(binding)
-    outputs = binding.get_outputs()
-    assert all(o.data_ptr() == v.data_ptr() for o, v in zip(outputs[1:], values))
-    expected = run(static, {**feed, **{f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": np.zeros_like(a)
-                                       for i, a in enumerate(host)}})
-    for array, want in zip(host, expected[1:]):  # the numpy arrays themselves now hold the presents
-        np.testing.assert_array_equal(array, want)
-        assert array[:, :, :3].any() and not array[:, :, 3:].any()
+    assert_updates_in_place(graphs[1], slots=SLOTS)
 
 
 def test_cli_static_cache_errors(tmp_path):

@@ -36,12 +36,14 @@ def artifacts(tmp_path_factory):
     made = {}
 
     def get(case, flavour="portable"):
-        """flavour: portable (the traced graph), ort (fused for ONNX Runtime), static (fused, TensorScatter cache)."""
+        """flavour: portable (the traced graph), ort (fused for ONNX Runtime), static (fused, TensorScatter cache),
+        ort-static (fused for ONNX Runtime: GroupQueryAttention on one shared past/present buffer)."""
         if (case, flavour) not in made:
             ckpt = resolve_checkpoint("tiny") if case == "tiny" else RandomCheckpoint(CONFIGS[case], seed=9)
             out = tmp_path_factory.mktemp(f"{case}-{flavour}") / "artifact"
             passes = {"portable": {}, "ort": {"optimize": True, "target": "ort"},
-                      "static": {"optimize": True, "max_seq": 96}}[flavour]
+                      "static": {"optimize": True, "max_seq": 96},
+                      "ort-static": {"optimize": True, "target": "ort", "max_seq": 96}}[flavour]
             build_artifact(ckpt, out, "float32", tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None,
                            **passes)
             made[case, flavour] = (Artifact.open(out), ckpt)
@@ -65,11 +67,12 @@ def hf_greedy(ckpt, prompts: list[list[int]], new: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("case, flavour", [("mha", "portable"), ("gqa", "portable"), ("tiny", "portable"),
-                                           ("mha", "ort"), ("gqa", "ort"), ("mha", "static"), ("gqa", "static")])
+                                           ("mha", "ort"), ("gqa", "ort"), ("mha", "static"), ("gqa", "static"),
+                                           ("mha", "ort-static"), ("gqa", "ort-static")])
 def test_greedy_tokens_equal_transformers_single_and_batched(artifacts, tokenizer, case, flavour):
     artifact, ckpt = artifacts(case, flavour)
     backend = open_backend(artifact)
-    assert type(backend) is (StaticOrtBackend if flavour == "static" else OrtBackend)
+    assert type(backend) is (StaticOrtBackend if flavour.endswith("static") else OrtBackend)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     expected = hf_greedy(ckpt, prompts, 32)
     batched = generate(backend, tokenizer, prompts, artifact.max_length, 32)
@@ -267,7 +270,7 @@ def test_bench_reports_consistent_figures(artifacts):
     assert bad.returncode == 2 and "exceeds the context window 1024" in bad.stderr
 
 
-@pytest.mark.parametrize("flavour", ["portable", "static"])
+@pytest.mark.parametrize("flavour", ["portable", "static", "ort-static"])
 def test_finished_rows_leave_the_batch(artifacts, tokenizer, flavour):
     """A row that stops early is dropped from the batch; the others' tokens equal their runs alone."""
     artifact, _ = artifacts("gqa", flavour)

@@ -42,6 +42,25 @@ def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir
     return value
 
 
+class NodeBuilder:
+    """Appends nodes before `anchor`, naming their outputs `<prefix>/<op>_<n>`; `const` adds initializers."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, prefix: str):
+        self.graph, self.anchor, self.prefix, self.count = graph, anchor, prefix, 0
+
+    def __call__(self, op: str, inputs: list, dtype: ir.DataType, shape: list, **attributes) -> ir.Value:
+        self.count += 1
+        name = f"{self.prefix}/{op}_{self.count}"
+        node = ir.node(op, inputs, attributes=attributes, name=name)
+        out = node.outputs[0]
+        out.name, out.type, out.shape = name, ir.TensorType(dtype), ir.Shape(shape)
+        self.graph.insert_before(self.anchor, node)
+        return out
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(self.graph, f"{self.prefix}/{name}", ir.tensor(array))
+
+
 WeightOf = Callable[[Optional[ir.Value]], Optional[ir.TensorProtocol]]
 
 

@@ -18,36 +18,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._tensors import add_initializer
+from ._tensors import NodeBuilder
 
 OPSET = 24  # TensorScatter
 INT64, BOOL = ir.DataType.INT64, ir.DataType.BOOL
 
 
-class _Builder:
-    """Appends nodes before `anchor`, naming outputs `static_mask/<op>_<n>`."""
-
-    def __init__(self, graph: ir.Graph, anchor: ir.Node):
-        self.graph, self.anchor, self.count = graph, anchor, 0
-
-    def __call__(self, op: str, inputs: list, dtype: ir.DataType, shape: list, **attributes) -> ir.Value:
-        self.count += 1
-        node = ir.node(op, inputs, attributes=attributes, name=f"static_mask/{op}_{self.count}")
-        out = node.outputs[0]
-        out.name, out.type, out.shape = f"static_mask/{op}_{self.count}", ir.TensorType(dtype), ir.Shape(shape)
-        self.graph.insert_before(self.anchor, node)
-        return out
-
-
 def _mask(graph: ir.Graph, anchor: ir.Node, input_ids: ir.Value, attention_mask: ir.Value, write: ir.Value,
           max_seq: int) -> ir.Value:
     """bool [batch, 1, sequence_length, max_sequence_length]."""
-    b = _Builder(graph, anchor)
-    def const(name: str, value) -> ir.Value:
-        return add_initializer(graph, f"static_mask/{name}", ir.tensor(np.array(value, np.int64)))
-
-    zero, one, length = const("zero", 0), const("one", 1), const("max_sequence_length", max_seq)
-    axis0, axis1, axis2 = (const(f"axis{i}", [i]) for i in range(3))
+    b = NodeBuilder(graph, anchor, "static_mask")
+    zero, one, length = (b.const(name, np.array(value, np.int64))
+                         for name, value in (("zero", 0), ("one", 1), ("max_sequence_length", max_seq)))
+    axis0, axis1, axis2 = (b.const(f"axis{i}", np.array([i], np.int64)) for i in range(3))
     slots = b("Range", [zero, length, one], INT64, [max_seq])
     seq = b("Squeeze", [b("Shape", [input_ids], INT64, [1], start=1, end=2), axis0], INT64, [])
     steps = b("Range", [zero, seq, one], INT64, ["sequence_length"])

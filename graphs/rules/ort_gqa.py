@@ -1,0 +1,193 @@
+"""Attention with its cache update → ONNX Runtime's `com.microsoft.GroupQueryAttention` (ort target only).
+
+Each layer's projections arrive split and rotated per head (after `ort_rotary`):
+
+    q, k = RotaryEmbedding(Transpose(Reshape(q2))), RotaryEmbedding(Transpose(Reshape(k2)));  v = Transpose(Reshape(v2))
+    K, V = Concat(past_key, k), Concat(past_value, v)        (static cache: TensorScatter(past, new, write_indices))
+    out = Reshape(Transpose(Attention(q, K, V, mask)))
+
+and become one kernel that reads `[batch, seq, heads·head_dim]` directly and writes the cache itself:
+
+    q, k = RotaryEmbedding(q2, num_heads=H), RotaryEmbedding(k2, num_heads=KV)    (the same cos/sin caches)
+    out, K, V = GroupQueryAttention(q, k, v2, past_key, past_value, seqlens_k, total_sequence_length,
+                                    attention_bias=Where(mask, 0, lowest))
+
+Rope stays outside the kernel: GroupQueryAttention rotates a first prompt from its first position on,
+which a left-padded row does not have. The portable cache keeps its contract (past grows into present:
+`seqlens_k = total − 1` for every row). The static cache shares one buffer as past and present: the step
+writes at `write_indices`, `query_seqlens` says every row brings the whole step, and `total_sequence_length`
+is the buffer's slot count, only an upper bound, so the bias spans every slot; ONNX Runtime then updates
+the buffer in place when the same OrtValue is bound as both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from ._tensors import NodeBuilder
+
+INT32, INT64 = ir.DataType.INT32, ir.DataType.INT64
+MS = "com.microsoft"
+
+
+class _Unmatched(Exception):
+    pass
+
+
+def _producer(value: ir.Value | None, op: str, domain: str = "") -> ir.Node:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op or node.domain != domain:
+        raise _Unmatched(f"{value.name if value is not None else 'None'} is not made by {domain or 'ai.onnx'}.{op}")
+    return node
+
+
+def _heads(value: ir.Value) -> tuple[int, int]:
+    """(heads, head_dim) of a `[batch, heads, seq, head_dim]` value."""
+    shape = value.shape
+    if shape is None or shape.rank() != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise _Unmatched(f"{value.name} is not [batch, heads, seq, head_dim] with known heads and head_dim")
+    return shape[1], shape[3]
+
+
+def _unheaded(value: ir.Value) -> ir.Value:
+    """The `[batch, seq, heads·head_dim]` projection behind Transpose(Reshape(x), perm 0 2 1 3)."""
+    transpose = _producer(value, "Transpose")
+    if list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        raise _Unmatched(f"{transpose.name} is not the heads transpose")
+    projection = _producer(transpose.inputs[0], "Reshape").inputs[0]
+    if projection.shape is None or projection.shape.rank() != 3:
+        raise _Unmatched(f"{projection.name} is not [batch, seq, hidden]")
+    return projection
+
+
+def _cache_update(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value]:
+    """The Concat / TensorScatter that writes one cache: (node, past input, the step's keys or values)."""
+    node = value.producer()
+    if node is not None and node.op_type == "Concat" and node.domain == "" and len(node.inputs) == 2 \
+            and node.attributes.get_int("axis", 0) in (2, -2):
+        return node, node.inputs[0], node.inputs[1]
+    if node is not None and node.op_type == "TensorScatter" and node.domain == "" \
+            and node.attributes.get_int("axis", -2) in (2, -2):
+        return node, node.inputs[0], node.inputs[1]
+    raise _Unmatched(f"{value.name} is not a cache Concat or TensorScatter on the sequence axis")
+
+
+def _graph_input(value: ir.Value | None) -> bool:
+    return value is not None and value.is_graph_input()
+
+
+def _lengths(b: NodeBuilder, inputs: dict[str, ir.Value], slots: int | None) -> list[ir.Value]:
+    """[seqlens_k, total_sequence_length, query_seqlens] (int32): every row brings the whole step (left padding
+    included), so `query_seqlens` is the step's length; it also lets a batch add several tokens to a cache."""
+    zero, one = b.const("axis0", np.array([0], np.int64)), b.const("one", np.array(1, np.int64))
+    batch = b("Shape", [inputs["input_ids"]], INT64, [1], start=0, end=1)
+    step = b("Squeeze", [b("Shape", [inputs["input_ids"]], INT64, [1], start=1, end=2), zero], INT64, [])
+    query = b("Cast", [b("Expand", [step, batch], INT64, ["batch"])], INT32, ["batch"], to=INT32)
+    if slots is None:  # every row holds past + step tokens
+        total = b("Squeeze", [b("Shape", [inputs["attention_mask"]], INT64, [1], start=1, end=2), zero], INT64, [])
+        last = b("Expand", [b("Sub", [total, one], INT64, []), batch], INT64, ["batch"])
+        return [b("Cast", [last], INT32, ["batch"], to=INT32), b("Cast", [total], INT32, [], to=INT32), query]
+    last = b("Sub", [b("Add", [inputs["write_indices"], step], INT64, ["batch"]), one], INT64, ["batch"])
+    return [b("Cast", [last], INT32, ["batch"], to=INT32), b.const("slots", np.array(slots, np.int32)), query]
+
+
+def _bias(b: NodeBuilder, mask: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """The boolean attention mask as an additive bias (0 where visible, the dtype's lowest elsewhere)."""
+    np_dtype = dtype.numpy()
+    if mask.dtype != ir.DataType.BOOL:
+        raise _Unmatched(f"the attention mask {mask.name} is not boolean")
+    zero = b.const(f"bias_zero_{dtype.name}", np.array(0, np_dtype))
+    lowest = b.const(f"bias_lowest_{dtype.name}", np.array(np.finfo(np_dtype).min, np_dtype))
+    return b("Where", [mask, zero, lowest], dtype, list(mask.shape))
+
+
+def _match(attention: ir.Node) -> dict:
+    """Everything one layer's rewrite needs, or _Unmatched."""
+    if attention.domain != "" or len(attention.inputs) != 4 or len(attention.outputs) != 1:
+        raise _Unmatched(f"{attention.name}: not a 4-input, 1-output Attention")
+    attributes = attention.attributes
+    if attributes.get_int("is_causal", 0) or attributes.get_float("softcap", 0.0) or \
+            attributes.get_int("qk_matmul_output_mode", 0):
+        raise _Unmatched(f"{attention.name}: causal flag, softcap or qk output set")
+    q, keys, values, mask = attention.inputs
+    heads, head_dim = _heads(q)
+    kv_heads, _ = _heads(keys)
+    key_update, past_key, new_key = _cache_update(keys)
+    value_update, past_value, new_value = _cache_update(values)
+    if not (_graph_input(past_key) and _graph_input(past_value) and keys.is_graph_output() and values.is_graph_output()):
+        raise _Unmatched(f"{attention.name}: the caches are not the graph's past inputs and present outputs")
+    if key_update.op_type != value_update.op_type:
+        raise _Unmatched(f"{attention.name}: keys and values are updated differently")
+    ropes = [_producer(x, "RotaryEmbedding", MS) for x in (q, new_key)]
+    if any(r.attributes.get_int("interleaved", 0) or r.attributes.get_int("rotary_embedding_dim", 0) for r in ropes):
+        raise _Unmatched(f"{attention.name}: only full rotate-half rope is moved")
+    (after,) = [use.node for use in attention.outputs[0].uses()] or [None]
+    if after is None or after.op_type != "Transpose" or list(after.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        raise _Unmatched(f"{attention.name}: the output is not transposed back to [batch, seq, heads, head_dim]")
+    reshape = next((use.node for use in after.outputs[0].uses() if use.node.op_type == "Reshape"), None)
+    if reshape is None or len(after.outputs[0].uses()) != 1:
+        raise _Unmatched(f"{attention.name}: the output is not merged back to [batch, seq, hidden]")
+    scale = attributes.get_float("scale", 1.0 / math.sqrt(head_dim))
+    return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, scale=scale, mask=mask, ropes=ropes,
+                projections=[_unheaded(ropes[0].inputs[0]), _unheaded(ropes[1].inputs[0]), _unheaded(new_value)],
+                pasts=[past_key, past_value], updates=[key_update, value_update], output=reshape.outputs[0],
+                shared=key_update.op_type == "TensorScatter")
+
+
+def apply(model: ir.Model) -> int:
+    """Fuse every layer's attention and cache update; returns how many layers (all or none: a graph with
+    some layers left unfused would still be correct, but the caller is told by the count)."""
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    attentions = [n for n in graph if n.op_type == "Attention" and n.domain == ""]
+    matches = []
+    for node in attentions:
+        try:
+            matches.append((node, _match(node)))
+        except _Unmatched:
+            continue
+    if not matches:
+        return 0
+    shared = {m["shared"] for _, m in matches}
+    if len(shared) != 1:
+        raise ValueError("some caches are static and some portable; export one kind")
+    slots = None
+    if shared.pop():
+        slots = matches[0][1]["pasts"][0].shape[2]
+        if not isinstance(slots, int) or "write_indices" not in inputs:
+            raise ValueError("a static cache without a fixed slot count or a write_indices input")
+    b = NodeBuilder(graph, matches[0][0], "gqa")
+    lengths = _lengths(b, inputs, slots)
+    biases: dict[tuple, ir.Value] = {}
+    for attention, m in matches:
+        q2, k2, v2 = m["projections"]
+        dtype = q2.dtype
+        if (m["mask"].name, dtype) not in biases:
+            biases[(m["mask"].name, dtype)] = _bias(b, m["mask"], dtype)
+        rotated = []
+        for rope, x, heads in zip(m["ropes"], (q2, k2), (m["heads"], m["kv_heads"])):
+            node = ir.node("RotaryEmbedding", [x, *rope.inputs[1:]], attributes={"interleaved": 0, "num_heads": heads},
+                           domain=MS, name=f"{rope.name}/bsh")
+            node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
+            graph.insert_before(attention, node)
+            rotated.append(node.outputs[0])
+        feed = [*rotated, v2, *m["pasts"], lengths[0], lengths[1], None, None, None, biases[(m["mask"].name, dtype)]]
+        attributes = {"num_heads": m["heads"], "kv_num_heads": m["kv_heads"], "scale": m["scale"], "do_rotary": 0}
+        feed += [None] * 5 + [lengths[2]]  # head_sink, k_scale, v_scale, q/k_norm_weight; query_seqlens
+        fused = ir.node("GroupQueryAttention", feed, attributes=attributes, domain=MS, num_outputs=3,
+                        name=f"{attention.name}/GroupQueryAttention")
+        out, present_key, present_value = fused.outputs
+        out.type, out.shape = m["output"].type, m["output"].shape
+        graph.insert_before(attention, fused)
+        ir.convenience.replace_all_uses_with(m["output"], out)
+        for update, present in zip(m["updates"], (present_key, present_value)):
+            old = update.outputs[0]
+            present.type, present.shape = old.type, old.shape
+            name = old.name
+            ir.convenience.replace_all_uses_with(old, present, replace_graph_outputs=True)
+            old.name, present.name = f"{name}/replaced", name
+    model.opset_imports.setdefault(MS, 1)
+    return len(matches)

@@ -1,0 +1,99 @@
+"""GroupQueryAttention (ort target): ORT before and after, on the portable cache (fp32, fp16) and on the static
+cache, whose buffer is both past and present and is updated in place."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphs import pipeline
+from graphs.rules import ort_gqa, ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, static_cache
+from runtime.backends import ort_feed
+from graph_helpers import GQA, assert_same_outputs, assert_updates_in_place, run, save, traced
+from test_rule_static_cache import SLOTS, steps
+
+LAYERS = GQA.num_hidden_layers
+
+
+def ort_fused(path, slots: int | None = None) -> ir.Model:
+    """The ort target's graph up to (not including) GroupQueryAttention."""
+    model = ir.load(str(path))
+    pipeline._cleanup(model)
+    for fuse in (rms_norm.apply, rotary.apply, packed_matmul.apply, skip_rms_norm.apply,
+                 lambda m: ort_rotary.apply(m, GQA.max_position_embeddings)):
+        fuse(model)
+    if slots:
+        static_cache.apply(model, slots)
+    return model
+
+
+def fuse_gqa(model: ir.Model) -> dict[str, int]:
+    assert ort_gqa.apply(model) == LAYERS
+    pipeline._cleanup(model)
+    counts = pipeline.op_counts(model)
+    print(f"after GroupQueryAttention: {counts}")
+    assert counts["GroupQueryAttention"] == LAYERS and not {"Attention", "Concat", "TensorScatter"} & set(counts)
+    assert "Transpose" not in counts  # the kernel reads [batch, seq, heads·head_dim] and rope rotates it so
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            a = node.attributes
+            assert (a.get_int("num_heads"), a.get_int("kv_num_heads")) == (GQA.num_attention_heads,
+                                                                           GQA.num_key_value_heads)
+            assert [o.name for o in node.outputs[1:]][0].startswith("present.")
+    return counts
+
+
+@pytest.mark.parametrize("dtype, np_dtype, tolerance", [("float32", np.float32, 1e-5), ("float16", np.float16, 2e-3)])
+def test_portable_cache_keeps_outputs(tmp_path, dtype, np_dtype, tolerance):
+    model = ort_fused(traced(tmp_path / "traced", dtype=dtype))
+    before = save(model, tmp_path / "before" / "model.onnx")
+    fuse_gqa(model)
+    worst = assert_same_outputs(before, save(model, tmp_path / "after" / "model.onnx"), tolerance, np_dtype)
+    print(f"GroupQueryAttention, portable cache ({dtype}): max relative output difference {worst:.2e}")
+
+
+@pytest.fixture(scope="module")
+def static_graphs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gqa-static")
+    model = ort_fused(traced(tmp / "traced"), SLOTS)
+    before = save(model, tmp / "scatter" / "model.onnx")
+    fuse_gqa(model)
+    return before, save(model, tmp / "gqa" / "model.onnx")
+
+
+def test_static_cache_matches_tensorscatter_step_after_step(static_graphs):
+    scatter, fused = static_graphs
+    kvh, d = GQA.num_key_value_heads, GQA.head_dim
+    buffers = {g: [tuple(np.zeros((2, kvh, SLOTS, d), np.float32) for _ in range(2)) for _ in range(LAYERS)]
+               for g in static_graphs}
+    written, worst = 0, 0.0
+    for ids, mask, keep in steps(np.random.default_rng(0)):
+        pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)[:, -ids.shape[1]:]
+        out = {}
+        for graph in static_graphs:
+            feed = ort_feed(ids, np.pad(mask, ((0, 0), (0, SLOTS - mask.shape[1]))), pos, buffers[graph], keep)
+            feed["write_indices"] = np.full(2, written, np.int64)
+            out[graph] = run(graph, feed)
+            buffers[graph] = list(zip(out[graph][1::2], out[graph][2::2]))
+        real = slice(None) if keep else (1, slice(2, None))  # row 1's padded prefill positions are undefined
+        ref, ours = out[scatter][0], out[fused][0]
+        worst = max(worst, float(np.abs(ours - ref)[real].max()) / float(np.abs(ref).max()))
+        written = mask.shape[1]
+        for (k, v), (gk, gv) in zip(buffers[scatter], buffers[fused]):
+            np.testing.assert_allclose(gk[:, :, :written], k[:, :, :written], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(gv[:, :, :written], v[:, :, :written], rtol=1e-6, atol=1e-6)
+    print(f"GroupQueryAttention vs TensorScatter + Attention over prefill + 3 steps: logits within {worst:.3g}")
+    assert worst <= 1e-5
+
+
+def test_static_cache_buffer_is_updated_in_place(static_graphs):
+    assert_updates_in_place(static_graphs[1], slots=SLOTS)
+
+
+def test_graph_without_contrib_rope_is_left_alone(tmp_path):
+    model = ir.load(str(traced(tmp_path / "traced")))
+    pipeline._cleanup(model)
+    rotary.apply(model)  # standard RotaryEmbedding: GroupQueryAttention would need the contrib rope on [b, s, h]
+    assert ort_gqa.apply(model) == 0
+    assert pipeline.op_counts(model)["Attention"] == LAYERS
