@@ -117,8 +117,8 @@ def build_artifact(
         started = time.perf_counter()
         config: LlamaConfig = ckpt.config
         graph = tmp / "model.onnx"
-        log(f"tracing {config.num_hidden_layers} layers ({dtype}) on the meta device")
-        proto = trace(config, dtype, graph)
+        log(f"tracing {config.num_hidden_layers} layers on the meta device")
+        proto = trace(config, graph)
         traced = time.perf_counter()
         step = progress(len(expected_tensors(config))) if progress else (lambda name: None)
         names, data_bytes, folded = write_weights(proto, graph, ckpt, dtype, step)
@@ -127,6 +127,10 @@ def build_artifact(
                    "detail": f"{folded} Transpose nodes removed"}]
         counts = None
         try:
+            if dtype != "float32":
+                converted = pipeline.convert_precision(graph, dtype)
+                log(f"  {converted.name}: {converted.detail}")
+                passes.append(converted.as_dict())
             if optimize:
                 log(f"optimizing for target {target}{' with int8 weights' if int8 else ''}"
                     f"{' and activations (SmoothQuant)' if smoothquant else ''}")

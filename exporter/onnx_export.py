@@ -1,8 +1,9 @@
 """Trace the reference model into an ONNX graph with the portable I/O contract, in bounded memory.
 
-The model is traced on the meta device (no weight is materialised), saved without initializers,
-and every weight is then streamed from the checkpoint into `model.onnx.data`, one tensor at a time,
-converted to the export dtype on the way.
+The model is traced in float32 on the meta device (no weight is materialised), saved without
+initializers, and every weight is then streamed from the checkpoint into `model.onnx.data`, one tensor
+at a time, converted to the export dtype on the way; for fp16/bf16 the graph then goes through the
+precision pass, which leaves those weights as they are.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ class _Flat(torch.nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
-def trace(config: LlamaConfig, dtype: str, path: Path) -> onnx.ModelProto:
-    """The graph without weights, traced with every tensor on the meta device (`path` is scratch)."""
-    dt = torch_dtype(dtype)
+def trace(config: LlamaConfig, path: Path) -> onnx.ModelProto:
+    """The float32 graph without weights, traced with every tensor on the meta device (`path` is scratch).
+    Other dtypes are a graph pass on it (`graphs.pipeline.convert_precision`)."""
+    dt, dtype = torch.float32, "float32"
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dt).eval()
     n, kvh, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
@@ -105,10 +107,6 @@ def trace(config: LlamaConfig, dtype: str, path: Path) -> onnx.ModelProto:
         for dim, name in zip(value.type.tensor_type.shape.dim, spec["shape"]):
             if isinstance(name, str):
                 dim.dim_param = name
-    if dt != torch.float32:  # softmax of fp16/bf16 attention in fp32 (opset-23 Attention's own attribute)
-        for node in proto.graph.node:
-            if node.op_type == "Attention":
-                node.attribute.append(onnx.helper.make_attribute("softmax_precision", onnx.TensorProto.FLOAT))
     return proto
 
 

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from onnxscript import optimizer
 
 from . import calibrate, trt_check
-from .rules import (ort_gqa, ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, smooth_quant,
+from .rules import (ort_gqa, ort_rotary, packed_matmul, precision, rms_norm, rotary, skip_rms_norm, smooth_quant,
                     static_cache, weight_int8)
 from .rules._tensors import release
 
@@ -141,6 +141,21 @@ def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: S
     ir.save(model, str(dst), external_data=data, alignment=ALIGN, align_threshold=ALIGN, max_workers=1,
             callback=unmap_previous)
     return reports, counts
+
+
+def convert_precision(path: Path, dtype: str) -> PassReport:
+    """Rewrite the float32 graph at `path` in place as `dtype` (`rules/precision.py`). Its weights must already
+    be stored in `dtype` (the export writes them so): only the graph file is rewritten, the data file is not."""
+    model = ir.load(str(path))
+    external = [v.name for v in model.graph.initializers.values()
+                if isinstance(v.const_value, ir.ExternalTensor) and v.dtype == ir.DataType.FLOAT]
+    if external:
+        raise PassError(f"{path}: weights {external[:3]} are float32; the precision pass rewrites only the graph "
+                        f"file, so its weights must already be {dtype}")
+    kept = precision.apply(model, dtype)
+    ir.save(model, str(path))
+    return PassReport(f"precision {dtype}", kept, f"{kept} fp32 islands kept (rope angles, RMSNorm statistics, "
+                                                 f"softmax, logits)")
 
 
 def check_target(path: Path, target: str) -> PassReport | None:

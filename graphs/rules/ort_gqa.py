@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -97,10 +98,8 @@ def _lengths(b: NodeBuilder, inputs: dict[str, ir.Value], slots: int | None) -> 
 def _bias(b: NodeBuilder, mask: ir.Value, dtype: ir.DataType) -> ir.Value:
     """The boolean attention mask as an additive bias (0 where visible, the dtype's lowest elsewhere)."""
     np_dtype = dtype.numpy()
-    if mask.dtype != ir.DataType.BOOL:
-        raise _Unmatched(f"the attention mask {mask.name} is not boolean")
     zero = b.const(f"bias_zero_{dtype.name}", np.array(0, np_dtype))
-    lowest = b.const(f"bias_lowest_{dtype.name}", np.array(np.finfo(np_dtype).min, np_dtype))
+    lowest = b.const(f"bias_lowest_{dtype.name}", np.array(ml_dtypes.finfo(np_dtype).min, np_dtype))
     return b("Where", [mask, zero, lowest], dtype, list(mask.shape))
 
 
@@ -113,6 +112,8 @@ def _match(attention: ir.Node) -> dict:
             attributes.get_int("qk_matmul_output_mode", 0):
         raise _Unmatched(f"{attention.name}: causal flag, softcap or qk output set")
     q, keys, values, mask = attention.inputs
+    if mask is None or mask.dtype != ir.DataType.BOOL:
+        raise _Unmatched(f"{attention.name}: the attention mask is not boolean")
     heads, head_dim = _heads(q)
     kv_heads, _ = _heads(keys)
     key_update, past_key, new_key = _cache_update(keys)
@@ -124,7 +125,8 @@ def _match(attention: ir.Node) -> dict:
     ropes = [_producer(x, "RotaryEmbedding", MS) for x in (q, new_key)]
     if any(r.attributes.get_int("interleaved", 0) or r.attributes.get_int("rotary_embedding_dim", 0) for r in ropes):
         raise _Unmatched(f"{attention.name}: only full rotate-half rope is moved")
-    (after,) = [use.node for use in attention.outputs[0].uses()] or [None]
+    users = [use.node for use in attention.outputs[0].uses()]
+    after = users[0] if len(users) == 1 else None
     if after is None or after.op_type != "Transpose" or list(after.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
         raise _Unmatched(f"{attention.name}: the output is not transposed back to [batch, seq, heads, head_dim]")
     reshape = next((use.node for use in after.outputs[0].uses() if use.node.op_type == "Reshape"), None)
@@ -138,8 +140,8 @@ def _match(attention: ir.Node) -> dict:
 
 
 def apply(model: ir.Model) -> int:
-    """Fuse every layer's attention and cache update; returns how many layers (all or none: a graph with
-    some layers left unfused would still be correct, but the caller is told by the count)."""
+    """Fuse each layer whose attention and cache update have the shape above; returns how many (a layer that
+    does not match keeps its standard Attention, which is still correct)."""
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     attentions = [n for n in graph if n.op_type == "Attention" and n.domain == ""]
