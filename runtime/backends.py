@@ -7,6 +7,8 @@ backend returns and gets back). A backend adapts it to the graph flavour the man
   TensorScatter; `StaticOrtBackend` binds each buffer as both the past input and the present output, so
   ONNX Runtime writes the new keys/values in place and no step copies the cache.
 The TensorRT backend (`trt_backend.TrtBackend`) runs the engine `llama-build` adds to a trt artifact.
+The `torch` backend (the reference PyTorch model on the artifact's weights, for parity and as a baseline)
+lives with the reference model in `exporter` and is found through an entry point.
 Every backend says its context window (`max_length`): the model's, or less where the cache or engine is
 smaller.
 """
@@ -164,13 +166,28 @@ class StaticOrtBackend(OrtBackend):
         return logits, StaticCache(past.buffers, total, past.host, binding)
 
 
-BACKENDS = ("ort", "trt")
+BACKENDS = ("ort", "trt", "torch")
+PLUGINS = "llama_export.backends"  # entry points of backends that live outside the runtime (torch)
+
+
+def _plugin(name: str):
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=PLUGINS, name=name)
+    if not found:
+        raise ValueError(f"the {name} backend is not installed: it comes with llama-export's reference model "
+                         f"(`pip install -e .` registers it under the {PLUGINS} entry points)")
+    return next(iter(found)).load()
 
 
 def open_backend(artifact: Artifact, name: str = "ort", threads: int | None = None, cuda_graph: bool = False):
     """The backend `name` for the artifact's graph flavour (`cuda_graph`: trt only)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; this runtime has: {', '.join(BACKENDS)}")
+    if name == "torch":  # the reference PyTorch model on the artifact's weights, whatever its flavour
+        if cuda_graph:
+            raise ValueError("--cuda-graph is for the trt backend")
+        return _plugin(name)(artifact, threads)
     if name == "trt":
         from .trt_backend import TrtBackend
 

@@ -126,7 +126,7 @@ def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int, see
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="ort: ONNX Runtime. trt: the artifact's TensorRT engine (llama-build); the bandwidth figure is "
-                   "then the GPU's.")
+                   "then the GPU's. torch: the reference PyTorch model on the artifact's weights (a baseline).")
 @click.option("--cuda-graph", is_flag=True, help="trt, static-cache artifacts: decode steps as CUDA graph replays.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)

@@ -34,7 +34,8 @@ def fit_history(tokenizer: LlamaTokenizer, system: str | None, turns: list[dict]
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
-              help="ort: ONNX Runtime. trt: the artifact's TensorRT engine (llama-build).")
+              help="ort: ONNX Runtime. trt: the artifact's TensorRT engine (llama-build). torch: the reference "
+                   "PyTorch model on the artifact's weights.")
 def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
     """Chat with an artifact in the Llama-2-chat format, streaming each answer.
 

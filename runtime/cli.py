@@ -29,7 +29,8 @@ from .tokenizer import LlamaTokenizer, TokenizerError
 @click.option("--stop", "stop_strings", multiple=True, help="Stop a sequence when its text contains this string.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="ort: ONNX Runtime (CUDA when onnxruntime-gpu has it, else CPU). trt: the TensorRT engine "
-                   "llama-build wrote into the artifact (a GPU and TensorRT 11).")
+                   "llama-build wrote into the artifact (a GPU and TensorRT 11). torch: the reference PyTorch "
+                   "model on the artifact's weights (float artifacts; parity and baseline).")
 @click.option("--cuda-graph", is_flag=True,
               help="trt, static-cache artifacts: replay each decode step as a CUDA graph.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")

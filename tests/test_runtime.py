@@ -82,6 +82,25 @@ def test_greedy_tokens_equal_transformers_single_and_batched(artifacts, tokenize
     assert all(len(r.tokens) == 32 or r.finish_reason == "stop" for r in batched)
 
 
+@pytest.mark.parametrize("case, flavour", [("gqa", "portable"), ("mha", "ort-static")])
+def test_torch_backend_tokens_equal_transformers(artifacts, tokenizer, case, flavour):
+    """The reference model on the artifact's own weights (packed ones split back), batched and alone."""
+    artifact, ckpt = artifacts(case, flavour)
+    backend = open_backend(artifact, "torch")
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    expected = hf_greedy(ckpt, prompts, 32)
+    assert [r.tokens for r in generate(backend, tokenizer, prompts, artifact.max_length, 32)] == expected
+    assert generate(backend, tokenizer, [prompts[1]], artifact.max_length, 32)[0].tokens == expected[1]
+
+
+def test_torch_backend_refuses_int8_weights(tmp_path):
+    out = tmp_path / "int8"
+    build_artifact(RandomCheckpoint(CONFIGS["gqa"], seed=9), out, "float32", tokenizer=TINY_DIR / "tokenizer.model",
+                   log=lambda m: None, optimize=True, int8=True)
+    with pytest.raises(ValueError, match="the torch backend runs float weights; .* is INT8 .*use the ort backend"):
+        open_backend(Artifact.open(out), "torch")
+
+
 def test_static_cache_window_is_its_slots(artifacts, tokenizer):
     artifact, _ = artifacts("gqa", "static")
     assert artifact.flavour == "static" and artifact.max_length == artifact.max_sequence_length == 96
@@ -196,6 +215,10 @@ def test_cli_json_batch_equals_api(artifacts, tokenizer):
                         artifact.max_length, 12)
     assert [r["tokens"] for r in rows] == [e.tokens for e in expected]
     assert [r["text"] for r in rows] == [e.text for e in expected]
+    reference = cli(str(artifact.directory), "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--json",
+                    "--max-new-tokens", "12", "--backend", "torch")
+    assert reference.returncode == 0, reference.stderr
+    assert [json.loads(line) for line in reference.stdout.splitlines()] == rows
 
 
 @pytest.mark.parametrize("args, message", [
