@@ -102,6 +102,9 @@ def build_artifact(
     With `optimize`, the traced graph goes through `graphs.pipeline` for `target` (and int8)."""
     if int8 and not optimize:
         raise ExportError("--int8 is a graph pass: it needs the optimization pipeline (drop --no-optimize)")
+    if dtype == "bfloat16" and not optimize:
+        raise ExportError("--bf16 needs the optimization pipeline (drop --no-optimize): the traced graph splits "
+                          "the rotary halves with SplitToSequence, which ONNX does not define for bfloat16")
     if smoothquant is not None and not int8:
         raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
     if max_seq is not None:

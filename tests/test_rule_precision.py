@@ -13,6 +13,7 @@ from graphs import pipeline
 from graphs.rules import precision
 from runtime.backends import ort_feed
 from graph_helpers import GQA, feeds, run, save, traced
+from test_onnx_export import cli
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 
@@ -93,3 +94,9 @@ def test_converting_in_place_needs_weights_already_in_the_target_type(tmp_path):
         pipeline.convert_precision(traced(tmp_path / "traced"), "float16")
     with pytest.raises(ValueError, match="cannot convert to 'int8'"):
         precision.apply(ir.load(str(tmp_path / "traced" / "model.onnx")), "int8")
+
+
+def test_bf16_without_the_pipeline_is_refused(tmp_path):
+    result = cli("--model", "tiny", "--bf16", "--no-optimize", "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "--bf16 needs the optimization pipeline (drop --no-optimize)" in result.stderr
+    assert not (tmp_path / "out").exists()
