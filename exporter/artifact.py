@@ -84,10 +84,10 @@ def publish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _weights_label(dtype: str, int8: bool, smoothquant: pipeline.SmoothQuant | None) -> str:
+def _weights_label(dtype: str, int8: bool, smoothquant: pipeline.SmoothQuant | None, int4: bool = False) -> str:
     if smoothquant is not None:
         return f"int8 SmoothQuant W8A8 (alpha {smoothquant.alpha})"
-    return "int8 weight-only" if int8 else dtype
+    return "int8 weight-only" if int8 else "int4 weight-only (blocks of 32)" if int4 else dtype
 
 
 def build_artifact(
@@ -95,13 +95,16 @@ def build_artifact(
     verify: Callable[[Path, dict], dict] | None = None, describe: dict | None = None,
     log: Callable[[str], None] = print, progress: Callable[[int], Callable[[str], None]] | None = None,
     target: str = "onnx", optimize: bool = False, int8: bool = False,
-    smoothquant: pipeline.SmoothQuant | None = None, max_seq: int | None = None,
+    smoothquant: pipeline.SmoothQuant | None = None, max_seq: int | None = None, int4: bool = False,
 ) -> dict:
     """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir, manifest)` runs before publishing.
 
     With `optimize`, the traced graph goes through `graphs.pipeline` for `target` (and int8)."""
     if int8 and not optimize:
         raise ExportError("--int8 is a graph pass: it needs the optimization pipeline (drop --no-optimize)")
+    if int4 and (int8 or not optimize or target != "ort"):
+        raise ExportError("--int4 is ONNX Runtime's MatMulNBits: use it alone (not with --int8), with --target ort "
+                          "and the optimization pipeline (TensorRT takes --int8)")
     if dtype == "bfloat16" and not optimize:
         raise ExportError("--bf16 needs the optimization pipeline (drop --no-optimize): the traced graph splits "
                           "the rotary halves with SplitToSequence, which ONNX does not define for bfloat16")
@@ -135,12 +138,12 @@ def build_artifact(
                 log(f"  {converted.name}: {converted.detail}")
                 passes.append(converted.as_dict())
             if optimize:
-                log(f"optimizing for target {target}{' with int8 weights' if int8 else ''}"
+                log(f"optimizing for target {target}{' with int8 weights' if int8 else ' with int4 weights' if int4 else ''}"
                     f"{' and activations (SmoothQuant)' if smoothquant else ''}")
                 staged = tmp / ".optimized" / "model.onnx"
                 reports, counts = pipeline.run(graph, staged, target, int8=int8, smoothquant=smoothquant,
                                                max_seq=max_seq, max_positions=config.max_position_embeddings,
-                                               log=log)
+                                               log=log, int4=int4)
                 os.replace(staged, graph)
                 os.replace(staged.parent / DATA_FILE, tmp / DATA_FILE)
                 staged.parent.rmdir()
@@ -166,7 +169,7 @@ def build_artifact(
                       "flavour": "static" if max_seq else "portable",
                       **({"max_sequence_length": max_seq} if max_seq else {}),
                       "target": target, "optimized": optimize,
-                      "weights": _weights_label(dtype, int8, smoothquant), "io": io_contract(config, dtype, max_seq),
+                      "weights": _weights_label(dtype, int8, smoothquant, int4), "io": io_contract(config, dtype, max_seq),
                       **({"op_counts": counts} if counts else {})},
             "tools": _versions(),
             "export": {"traced_on": "meta", "weights_streamed": names, "weights_bytes": data_bytes,

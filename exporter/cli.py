@@ -60,6 +60,9 @@ def _progress(total: int):
 @click.option("--int8", is_flag=True,
               help="Weight-only int8: per-output-channel symmetric int8 weights (DequantizeLinear → MatMul; "
                    "MatMulNBits for --target ort).")
+@click.option("--int4", is_flag=True,
+              help="Weight-only int4 for --target ort: ONNX Runtime's MatMulNBits bits=4, a symmetric scale per block "
+                   "of 32 weights (TensorRT takes --int8).")
 @click.option("--smoothquant", is_flag=True,
               help="With --int8: SmoothQuant W8A8, int8 activations too (Q/DQ pairs with constant scales). "
                    "Activation outliers move into the weights by per-channel factors folded into the RMSNorm "
@@ -83,7 +86,7 @@ def _progress(total: int):
                    "difference. Default: only when both fit in 4 GiB (the export itself stays near 1 GB); "
                    "--verify checks whenever they fit in 80% of the available memory.")
 def main(model_name, checkpoint, random_weights, seed, dtype, target, build, optimize, kv_cache, max_seq_len, int8,
-         smoothquant, smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path, force,
+         int4, smoothquant, smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path, force,
          verify):
     """Export a Llama 2 model to an ONNX artifact directory.
 
@@ -101,6 +104,7 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
       llama-export --checkpoint ./llama-2-7b --fp16       # Meta params.json + consolidated.*.pth
       llama-export --model 70b --random-weights --num-layers 2 --fp16   # ~1 GB peak, not verified
       llama-export --model tiny --int8 --smoothquant --target trt  # W8A8 for TensorRT
+      llama-export --model tiny --int4 --target ort --kv-cache static   # MatMulNBits 4-bit
       llama-export --model tiny --kv-cache static --max-seq-len 1024  # in-place cache updates
     """
     try:
@@ -114,7 +118,7 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
         ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
         dtype = dtype or ckpt.config.torch_dtype
         name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
-        quant = "-w8a8" if smoothquant else "-int8" if int8 else ""
+        quant = "-w8a8" if smoothquant else "-int8" if int8 else "-int4" if int4 else ""
         flavour = "-static" if kv_cache == "static" else ""
         output = output or Path("out") / f"{name}-{dtype}{quant}{flavour}{'' if target == 'onnx' else '-' + target}"
         tokenizer = find_tokenizer(model_name, checkpoint, tokenizer_path)
@@ -146,7 +150,7 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
             describe={"name": model_name, "source": ckpt.source, "random_weights": random_weights,
                       "num_layers_kept": c.num_hidden_layers},
             log=lambda msg: click.echo(msg, err=True), progress=_progress, target=target, optimize=optimize, int8=int8,
-            smoothquant=smooth, max_seq=max_seq,
+            smoothquant=smooth, max_seq=max_seq, int4=int4,
         )
         result = manifest["verification"]
         if "skipped" in result:

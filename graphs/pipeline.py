@@ -10,7 +10,8 @@ Targets (all keep the portable I/O contract: past/present, logits_to_keep, float
   trt additionally must pass `trt_check` (TensorRT 11's parser rules).
 - ort: the same fusions, then ONNX Runtime's contrib ops: SkipSimplifiedLayerNormalization, RotaryEmbedding
   on constant caches, GroupQueryAttention (with the static cache: one buffer as past and present, updated
-  in place); int8 as `MatMulNBits` (bits=8).
+  in place); int8 as `MatMulNBits` (bits=8), and int4 (bits=4, a scale per block of 32), which only
+  ONNX Runtime runs.
 SmoothQuant W8A8 (every target) calibrates on token sequences in ONNX Runtime, then writes Q/DQ pairs on
 the activations and int8 → DequantizeLinear on the smoothed weights. The static KV cache (every target)
 changes the contract: fixed cache buffers written by opset-24 TensorScatter at `write_indices`.
@@ -74,7 +75,7 @@ def _cleanup(model: ir.Model) -> int:
 
 
 def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_seq: int | None = None,
-           max_positions: int | None = None) -> list[tuple[str, Callable[[ir.Model], int], str]]:
+           max_positions: int | None = None, int4: bool = False) -> list[tuple[str, Callable[[ir.Model], int], str]]:
     """(name, function returning how many places it changed, what the count means) in order. `max_seq`
     selects the static KV cache of that many slots (else the portable, growing cache); `max_positions`
     sizes the ort target's constant rope caches."""
@@ -100,6 +101,11 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
         tokens = sum(ids.shape[-1] for ids in sq.sequences)
         steps.append((f"SmoothQuant W8A8 (alpha {sq.alpha}, {tokens} calibration tokens)", smooth,
                       "MatMuls quantized"))
+    elif int4:
+        if target != "ort":
+            raise PassError(f"int4 weights are ONNX Runtime's MatMulNBits: use target ort (target {target} takes int8)")
+        steps.append(("int4 weight-only (MatMulNBits bits=4, blocks of 32)",
+                      lambda m: weight_int8.apply(m, "matmulnbits", bits=4), "weights quantized"))
     elif int8:
         form = "matmulnbits" if target == "ort" else "qdq"
         steps.append((f"int8 weight-only ({weight_int8.OPS[form]})",
@@ -116,14 +122,14 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
 
 def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: SmoothQuant | None = None,
         max_seq: int | None = None, max_positions: int | None = None, log: Callable[[str], None] = lambda msg: None,
-        ) -> tuple[list[PassReport], dict[str, int]]:
+        int4: bool = False) -> tuple[list[PassReport], dict[str, int]]:
     """Rewrite `src` (with its external data) into `dst` + `dst.data-file`; returns the reports and op counts."""
     model = ir.load(str(src))
     dst.parent.mkdir(parents=True, exist_ok=True)
     if smoothquant is not None and smoothquant.scratch is None:
         smoothquant = dataclasses.replace(smoothquant, scratch=dst.parent)
     reports = []
-    for name, fn, unit in passes(target, int8, smoothquant, max_seq, max_positions):
+    for name, fn, unit in passes(target, int8, smoothquant, max_seq, max_positions, int4):
         started = time.perf_counter()
         changed = fn(model)
         reports.append(PassReport(name, changed, f"{changed} {unit}"))

@@ -12,6 +12,7 @@ from exporter.presets import resolve_checkpoint
 from graphs import pipeline, trt_check
 from graphs.rules import weight_int8
 from graph_helpers import assert_same_outputs, feeds, perplexity, run, save, traced
+from test_onnx_export import cli
 
 
 def test_quantize_is_symmetric_per_output_channel():
@@ -55,3 +56,63 @@ def test_int8_tiny_perplexity_within_one_percent(tmp_path, heldout_ids, target):
           f"ppl {ppl:.3f} ({(ppl / base - 1) * 100:+.2f}%), top-1 agreement with fp32 {(top1 == base_top1).mean():.4f}, "
           f"weights {size(tmp_path / 'fp32') / 1e6:.1f} MB -> {size(tmp_path / 'int8') / 1e6:.1f} MB")
     assert abs(ppl / base - 1) <= 0.01
+
+
+def dequantized_int4(w: np.ndarray, block: int = 32) -> np.ndarray:
+    """The float weight MatMulNBits bits=4 computes with: codes unpacked (low nibble first) − 8, × scale."""
+    packed, scales = weight_int8.int4_blocks(w, block)
+    codes = np.empty(packed.shape[:2] + (block,), np.int16)
+    codes[..., 0::2], codes[..., 1::2] = packed & 0x0F, packed >> 4
+    full = ((codes - 8) * scales[..., None]).reshape(w.shape[1], -1).T
+    return full[:w.shape[0]].astype(np.float32)
+
+
+def test_int4_blocks_are_symmetric_per_block():
+    w = np.random.default_rng(0).standard_normal((70, 24)).astype(np.float32) * np.linspace(0.01, 3, 24)
+    packed, scales = weight_int8.int4_blocks(w, 32)
+    assert packed.shape == (24, 3, 16) and packed.dtype == np.uint8 and scales.shape == (24, 3)
+    np.testing.assert_allclose(scales[:, 0], np.abs(w[:32]).max(0) / 7, rtol=1e-6)
+    np.testing.assert_allclose(scales[:, 2], np.abs(w[64:]).max(0) / 7, rtol=1e-6)  # the padded last block
+    deq = dequantized_int4(w)
+    step = np.repeat(scales.T, 32, axis=0)[:70]
+    assert (np.abs(deq - w) <= step / 2 + 1e-6).all()  # rounding error at most half a step per block
+    assert {int(v) for v in np.unique(packed & 0x0F)} <= set(range(1, 16))  # codes 1..15: q in [-7, 7]
+
+
+def test_int4_matmulnbits_computes_with_its_dequantized_weights(tmp_path):
+    model = ir.load(str(traced(tmp_path / "traced")))
+    pipeline._cleanup(model)
+    before = save(model, tmp_path / "before" / "model.onnx")
+    reference = ir.load(str(before))
+    for node in reference.graph:  # the same graph, each weight replaced by what int4 represents
+        if node.op_type == "MatMul" and weight_int8.float_weight(node.inputs[1]) is not None:
+            w = node.inputs[1]
+            w.const_value = ir.tensor(dequantized_int4(w.const_value.numpy()), name=w.name)
+    reference_path = save(reference, tmp_path / "dequantized" / "model.onnx")
+    matmuls = pipeline.op_counts(model)["MatMul"]
+    assert weight_int8.apply(model, "matmulnbits", bits=4) == matmuls
+    nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert len(nodes) == matmuls and {n.attributes.get_int("bits") for n in nodes} == {4}
+    after = save(model, tmp_path / "int4" / "model.onnx")
+    # accuracy_level 4 also rounds the activations to int8 per block, as for int8 (see above)
+    worst = assert_same_outputs(reference_path, after, tolerance=0.02)
+    print(f"int4 MatMulNBits vs the same graph on its dequantized weights: within {worst:.3g} × the output scale")
+    with pytest.raises(ValueError, match="int4 only matmulnbits"):
+        weight_int8.apply(ir.load(str(before)), "qdq", bits=4)
+
+
+def test_int4_tiny_perplexity(tmp_path, heldout_ids):
+    ckpt = resolve_checkpoint("tiny")
+    build_artifact(ckpt, tmp_path / "fp32", "float32", log=lambda m: None, target="ort", optimize=True)
+    build_artifact(ckpt, tmp_path / "int4", "float32", log=lambda m: None, target="ort", optimize=True, int4=True)
+    base, base_top1 = perplexity(tmp_path / "fp32", heldout_ids)
+    ppl, top1 = perplexity(tmp_path / "int4", heldout_ids)
+    print(f"tiny held-out ({heldout_ids.shape[1]} tokens), target ort: fp32 ppl {base:.3f}, int4 weight-only ppl "
+          f"{ppl:.3f} ({(ppl / base - 1) * 100:+.2f}%), top-1 agreement with fp32 {(top1 == base_top1).mean():.4f}")
+    assert abs(ppl / base - 1) <= 0.1
+
+
+def test_int4_is_for_onnx_runtime_only(tmp_path):
+    result = cli("--model", "tiny", "--int4", "--target", "trt", "--no-build", "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "--int4 is ONNX Runtime's MatMulNBits" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,11 @@ Per output channel n, symmetric: scale[n] = max_k |W[k, n]| / 127, q = round(W /
   numbers written as blocks of `block_size` along K (every block of a column shares the column's
   scale; values stored offset by 128 as uint8, ORT's default zero point for 8 bits).
 
-Both quantized tensors are `ir.LazyTensor`s computed from one weight when the model is saved.
+- int4 (`--int4`, ONNX Runtime only): `MatMulNBits(bits=4)` with a symmetric scale per block of
+  `block_size` rows of a column, scale = max |W| / 7, q in [-7, 7] stored + 8 (ORT's default 4-bit zero
+  point), two per byte, the first in the low nibble.
+
+All quantized tensors are `ir.LazyTensor`s computed from one weight when the model is saved.
 """
 
 from __future__ import annotations
@@ -95,16 +99,44 @@ def _nbits_scales(t: ir.TensorProtocol, block: int) -> np.ndarray:
     return np.repeat(read_weight(t, scales)[:, None], blocks, axis=1).astype(t.dtype.numpy())
 
 
-def _matmulnbits(graph: ir.Graph, node: ir.Node, w: ir.Value, block: int) -> ir.Node:
+def int4_blocks(w: np.ndarray, block: int, column_bytes: int = 32 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, blocks, block/2] packed codes, float32 scales [N, blocks]) of `w [K, N]`, computed a chunk
+    of columns at a time (no float32 copy of a large weight exists whole); K is zero-padded to whole blocks."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    packed = np.empty((n, blocks, block // 2), np.uint8)
+    block_scales = np.empty((n, blocks), np.float32)
+    step = max(1, column_bytes // (4 * blocks * block))
+    for start in range(0, n, step):
+        cols = np.zeros((blocks * block, min(step, n - start)), np.float32)
+        cols[:k] = w[:, start:start + step]
+        grouped = cols.T.reshape(-1, blocks, block)  # [columns, blocks, block]
+        peak = np.abs(grouped).max(axis=2)
+        scale = np.where(peak == 0, 1.0, peak / 7.0).astype(np.float32)
+        codes = (np.clip(np.rint(grouped / scale[..., None]), -7, 7) + 8).astype(np.uint8)
+        packed[start:start + len(scale)] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        block_scales[start:start + len(scale)] = scale
+    return packed, block_scales
+
+
+def _matmulnbits(graph: ir.Graph, node: ir.Node, w: ir.Value, block: int, bits: int = 8) -> ir.Node:
     t = w.const_value
     k, n = w.shape
     blocks = -(-k // block)
-    b = add_initializer(graph, f"{w.name}.q8", ir.LazyTensor(
-        lambda: ir.tensor(_nbits_weight(t, block)), dtype=ir.DataType.UINT8, shape=ir.Shape([n, blocks, block])))
-    block_scales = add_initializer(graph, f"{w.name}.scales", ir.LazyTensor(
-        lambda: ir.tensor(_nbits_scales(t, block)), dtype=t.dtype, shape=ir.Shape([n, blocks])))
+    if bits == 4:
+        def part(index: int, dtype: np.dtype):  # codes or scales, each from its own read of the weight
+            return lambda: ir.tensor(read_weight(t, lambda a: int4_blocks(a, block))[index].astype(dtype))
+        b = add_initializer(graph, f"{w.name}.q4", ir.LazyTensor(
+            part(0, np.uint8), dtype=ir.DataType.UINT8, shape=ir.Shape([n, blocks, block // 2])))
+        block_scales = add_initializer(graph, f"{w.name}.scales", ir.LazyTensor(
+            part(1, t.dtype.numpy()), dtype=t.dtype, shape=ir.Shape([n, blocks])))
+    else:
+        b = add_initializer(graph, f"{w.name}.q8", ir.LazyTensor(
+            lambda: ir.tensor(_nbits_weight(t, block)), dtype=ir.DataType.UINT8, shape=ir.Shape([n, blocks, block])))
+        block_scales = add_initializer(graph, f"{w.name}.scales", ir.LazyTensor(
+            lambda: ir.tensor(_nbits_scales(t, block)), dtype=t.dtype, shape=ir.Shape([n, blocks])))
     fused = ir.node("MatMulNBits", [node.inputs[0], b, block_scales], domain="com.microsoft",
-                    attributes={"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": 4},
+                    attributes={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4},
                     name=f"{w.name}/MatMulNBits")
     out = fused.outputs[0]
     out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
@@ -116,10 +148,12 @@ def _matmulnbits(graph: ir.Graph, node: ir.Node, w: ir.Value, block: int) -> ir.
     return fused
 
 
-def apply(model: ir.Model, form: str = "qdq", block_size: int = 32) -> int:
-    """Quantize every constant-weight MatMul; returns how many."""
+def apply(model: ir.Model, form: str = "qdq", block_size: int = 32, bits: int = 8) -> int:
+    """Quantize every constant-weight MatMul; returns how many (`bits` 4: the matmulnbits form only)."""
     if form not in OPS:
         raise ValueError(f"unknown int8 form {form!r}; use one of {sorted(OPS)}")
+    if bits not in (8, 4) or (bits == 4 and form != "matmulnbits"):
+        raise ValueError(f"bits={bits}: int8 has both forms, int4 only matmulnbits")
     graph = model.graph
     done = 0
     for node in list(graph):
@@ -129,7 +163,7 @@ def apply(model: ir.Model, form: str = "qdq", block_size: int = 32) -> int:
         if form == "qdq":
             qdq(graph, node, w)
         else:
-            _matmulnbits(graph, node, w, block_size)
+            _matmulnbits(graph, node, w, block_size, bits)
             model.opset_imports.setdefault("com.microsoft", 1)
         if not w.uses():
             graph.initializers.pop(w.name)
