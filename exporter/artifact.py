@@ -138,8 +138,8 @@ def build_artifact(
                 log(f"  {converted.name}: {converted.detail}")
                 passes.append(converted.as_dict())
             if optimize:
-                log(f"optimizing for target {target}{' with int8 weights' if int8 else ' with int4 weights' if int4 else ''}"
-                    f"{' and activations (SmoothQuant)' if smoothquant else ''}")
+                weights = " with int8 weights" if int8 else " with int4 weights" if int4 else ""
+                log(f"optimizing for target {target}{weights}{' and activations (SmoothQuant)' if smoothquant else ''}")
                 staged = tmp / ".optimized" / "model.onnx"
                 reports, counts = pipeline.run(graph, staged, target, int8=int8, smoothquant=smoothquant,
                                                max_seq=max_seq, max_positions=config.max_position_embeddings,
@@ -169,7 +169,8 @@ def build_artifact(
                       "flavour": "static" if max_seq else "portable",
                       **({"max_sequence_length": max_seq} if max_seq else {}),
                       "target": target, "optimized": optimize,
-                      "weights": _weights_label(dtype, int8, smoothquant, int4), "io": io_contract(config, dtype, max_seq),
+                      "weights": _weights_label(dtype, int8, smoothquant, int4),
+                      "io": io_contract(config, dtype, max_seq),
                       **({"op_counts": counts} if counts else {})},
             "tools": _versions(),
             "export": {"traced_on": "meta", "weights_streamed": names, "weights_bytes": data_bytes,

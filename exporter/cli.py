@@ -86,8 +86,8 @@ def _progress(total: int):
                    "difference. Default: only when both fit in 4 GiB (the export itself stays near 1 GB); "
                    "--verify checks whenever they fit in 80% of the available memory.")
 def main(model_name, checkpoint, random_weights, seed, dtype, target, build, optimize, kv_cache, max_seq_len, int8,
-         int4, smoothquant, smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path, force,
-         verify):
+         int4, smoothquant, smoothquant_alpha, calibration, calibration_tokens, output, num_layers, tokenizer_path,
+         force, verify):
     """Export a Llama 2 model to an ONNX artifact directory.
 
     MODEL is a preset (tiny, 7b, 13b, 70b and their -chat versions) or a checkpoint directory. The

@@ -118,7 +118,8 @@ def _match(attention: ir.Node) -> dict:
     kv_heads, _ = _heads(keys)
     key_update, past_key, new_key = _cache_update(keys)
     value_update, past_value, new_value = _cache_update(values)
-    if not (_graph_input(past_key) and _graph_input(past_value) and keys.is_graph_output() and values.is_graph_output()):
+    if not (_graph_input(past_key) and _graph_input(past_value)
+            and keys.is_graph_output() and values.is_graph_output()):
         raise _Unmatched(f"{attention.name}: the caches are not the graph's past inputs and present outputs")
     if key_update.op_type != value_update.op_type:
         raise _Unmatched(f"{attention.name}: keys and values are updated differently")
