@@ -39,7 +39,7 @@ def _progress(total: int):
                    "Attention with the cache Concat outside, packed qkv and gate/up). trt: the same, checked "
                    "against TensorRT 11's ONNX-parser rules, then the engine is built (see --build). ort: the "
                    "same plus ONNX Runtime's contrib fusions (GroupQueryAttention, SkipSimplifiedLayerNormalization, "
-                   "RotaryEmbedding; with --kv-cache static one shared past/present buffer, its fastest form); "
+                   "RotaryEmbedding; with --kv-cache static on one shared past/present buffer); "
                    "int8 as MatMulNBits. auto: trt when TensorRT 11 "
                    "imports and a CUDA GPU is visible, else ort (the choice and its reason are printed).")
 @click.option("--build/--no-build", default=True, show_default=True,
