@@ -16,10 +16,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from .checkpoint import expected_tensors
+from .checkpoint import Checkpoint, expected_tensors
 from .config import LlamaConfig
-from .loading import torch_dtype
-from .model import LlamaForCausalLM
+from .loading import load_model, torch_dtype
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
@@ -70,6 +69,23 @@ def reference_weights(graph_path, config: LlamaConfig) -> dict[str, torch.Tensor
     return weights
 
 
+class ArtifactWeights(Checkpoint):
+    """An artifact's float weights as a checkpoint (Hugging Face names), for `load_model`."""
+
+    def __init__(self, graph_path, config: LlamaConfig):
+        self.config, self.source = config, str(graph_path)
+        self._weights = reference_weights(graph_path, config)
+
+    def names(self) -> list[str]:
+        return list(self._weights)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._weights[name].shape)
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._weights[name]
+
+
 class TorchBackend:
     """Implements `runtime.backends.Backend` with the reference model; the cache is torch tensors."""
 
@@ -77,21 +93,10 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         config = LlamaConfig.from_hf_dict(artifact.config, str(artifact.directory / "config.json"))
-        dtype = torch_dtype(artifact.dtype)
-        with torch.device("meta"):
-            self.model = LlamaForCausalLM(config)
-        weights = reference_weights(artifact.graph_path, config)
-        for name in expected_tensors(config):
-            module_path, _, attr = name.rpartition(".")
-            setattr(self.model.get_submodule(module_path), attr,
-                    torch.nn.Parameter(weights[name].to(dtype), requires_grad=False))
-        if config.tie_word_embeddings:
-            self.model.lm_head.weight = self.model.model.embed_tokens.weight
-        self.model.eval()
-        self.dtype = dtype
+        self.model = load_model(ArtifactWeights(artifact.graph_path, config), artifact.dtype)
+        self.dtype = self.cache_dtype = torch_dtype(artifact.dtype)
         self.num_layers, self.kv_heads, self.head_dim = config.num_hidden_layers, config.num_key_value_heads, \
             config.head_dim
-        self.cache_dtype = dtype
         self.max_length = config.max_position_embeddings
 
     def forward(self, input_ids, attention_mask, position_ids, past: Past, logits_to_keep):

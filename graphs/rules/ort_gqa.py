@@ -67,11 +67,10 @@ def _unheaded(value: ir.Value) -> ir.Value:
 def _cache_update(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value]:
     """The Concat / TensorScatter that writes one cache: (node, past input, the step's keys or values)."""
     node = value.producer()
-    if node is not None and node.op_type == "Concat" and node.domain == "" and len(node.inputs) == 2 \
-            and node.attributes.get_int("axis", 0) in (2, -2):
-        return node, node.inputs[0], node.inputs[1]
-    if node is not None and node.op_type == "TensorScatter" and node.domain == "" \
-            and node.attributes.get_int("axis", -2) in (2, -2):
+    concat = node is not None and node.op_type == "Concat" and len(node.inputs) == 2 \
+        and node.attributes.get_int("axis", 0) in (2, -2)
+    scatter = node is not None and node.op_type == "TensorScatter" and node.attributes.get_int("axis", -2) in (2, -2)
+    if (concat or scatter) and node.domain == "":
         return node, node.inputs[0], node.inputs[1]
     raise _Unmatched(f"{value.name} is not a cache Concat or TensorScatter on the sequence axis")
 

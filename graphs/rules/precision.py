@@ -141,9 +141,8 @@ def apply(model: ir.Model, dtype_name: str) -> int:
         attributes = node.attributes
         if node.op_type == "Cast" and attributes.get_int("to") == FLOAT:
             attributes["to"] = ir.AttrInt64("to", dtype)
-        elif node.op_type == "Constant" and "value" in attributes and attributes["value"].value.dtype == FLOAT:
-            attributes["value"] = ir.AttrTensor("value", _converted(attributes["value"].value, dtype))
-        elif node.op_type == "ConstantOfShape" and "value" in attributes and attributes["value"].value.dtype == FLOAT:
+        elif node.op_type in ("Constant", "ConstantOfShape") and "value" in attributes \
+                and attributes["value"].value.dtype == FLOAT:
             attributes["value"] = ir.AttrTensor("value", _converted(attributes["value"].value, dtype))
         elif node.op_type == "Attention" and node.domain == "":
             attributes["softmax_precision"] = ir.AttrInt64("softmax_precision", FLOAT)
@@ -178,5 +177,4 @@ def apply(model: ir.Model, dtype_name: str) -> int:
             logits = cast(out, FLOAT)
             logits.name = name
             graph.outputs[i] = logits
-    model.opset_imports.setdefault("", 23)
     return len({n for n in pinned if n.op_type in ("Cos", "ReduceMean", "Softmax")}) + 1
