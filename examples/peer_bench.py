@@ -3,7 +3,8 @@
 Runs inside the peer's own virtual environment (it imports only that peer and numpy). The workload is
 llama-bench's: `--batch` random prompts of `--prompt-len` tokens (the same seeds), one prefill, then
 `--gen-len` decode steps, each a forward pass over one new token per row, greedy, never stopping early;
-medians of `--runs` after a warm-up.
+medians of `--runs` after a warm-up. genai's decode is a loop of single steps, so its median step is
+reported too (`decode_median_step_ms`, for the bandwidth fraction `peers.py` computes).
 
   genai         onnxruntime-genai's generator on the model its builder wrote
   optimum       optimum's ORTModelForCausalLM (exported from the checkpoint on first use) .generate
@@ -40,7 +41,7 @@ def genai_runner(model_dir: Path, threads: int):
         config_path.write_text(json.dumps(config, indent=2))
     model = og.Model(str(model_dir))
 
-    def run(ids: np.ndarray, gen_len: int) -> tuple[float, float]:
+    def run(ids: np.ndarray, gen_len: int) -> tuple[float, float, float]:
         params = og.GeneratorParams(model)
         total = ids.shape[1] + gen_len + 1
         params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=ids.shape[0])
@@ -48,10 +49,13 @@ def genai_runner(model_dir: Path, threads: int):
         start = time.perf_counter()
         generator.append_tokens(ids.astype(np.int32))  # the prefill forward pass
         prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(gen_len + 1):  # the first only samples; each later one runs the model on one token
+        generator.generate_next_token()  # only samples the prefill's logits (timed as part of the decode)
+        steps = [time.perf_counter() - start]
+        for _ in range(gen_len):  # each runs the model on one token per row
+            start = time.perf_counter()
             generator.generate_next_token()
-        return prefill, time.perf_counter() - start
+            steps.append(time.perf_counter() - start)
+        return prefill, sum(steps), statistics.median(steps[1:])
     return run
 
 
@@ -82,10 +86,10 @@ def generate_runner(peer: str, model_dir: Path, work: Path, threads: int):
         assert out.shape[1] == ids.shape[1] + new
         return time.perf_counter() - start
 
-    def run(ids: np.ndarray, gen_len: int) -> tuple[float, float]:
+    def run(ids: np.ndarray, gen_len: int) -> tuple[float, float, None]:
         tensor = torch.from_numpy(ids.astype(np.int64))
         prefill = generate(tensor, 1)
-        return prefill, max(generate(tensor, gen_len + 1) - prefill, 1e-9)
+        return prefill, max(generate(tensor, gen_len + 1) - prefill, 1e-9), None
     return run
 
 
@@ -107,9 +111,12 @@ def main() -> None:
     results = [run(prompts(args.batch, args.prompt_len, args.vocab, seed), args.gen_len) for seed in range(args.runs)]
     prefill = statistics.median(r[0] for r in results)
     decode = statistics.median(r[1] for r in results)
-    print(json.dumps({"peer": args.peer, "batch": args.batch, "prefill_ms": round(prefill * 1e3, 1),
-                      "decode_tokens_per_s": round(args.batch * args.gen_len / decode, 2),
-                      "runs": [[round(p * 1e3, 1), round(d, 3)] for p, d in results]}))
+    report = {"peer": args.peer, "batch": args.batch, "prefill_ms": round(prefill * 1e3, 1),
+              "decode_tokens_per_s": round(args.batch * args.gen_len / decode, 2),
+              "runs": [[round(p * 1e3, 1), round(d, 3)] for p, d, _ in results]}
+    if results[0][2] is not None:
+        report["decode_median_step_ms"] = round(statistics.median(r[2] for r in results) * 1e3, 3)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

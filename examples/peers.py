@@ -11,7 +11,10 @@ run, so that the shared machine's drift falls on every system alike; the table g
 virtual environments of their own under WORK/venvs (genai 0.18's builder needs transformers 5,
 optimum-onnx needs transformers < 4.58); they are created on first use. The table gives decode tokens/s,
 prefill latency, and the ratios of llama-export's best artifact to each system: decode tokens/s (above 1:
-ours is faster) and prefill latency (below 1: ours is faster).
+ours is faster) and prefill latency (below 1: ours is faster). For the systems whose decode is a loop of single
+steps (ours and genai) it also gives the fraction of the machine's read bandwidth their median step reaches, with
+llama-bench's probe (`runtime.bench.BandwidthProbe`) read by this script before and after each system's run: the
+same bytes per step (the weights but the embedding table, and the mean KV cache) for every system.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from runtime.bench import BandwidthProbe, bracketed_fractions  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -122,39 +127,53 @@ def main() -> None:
              "-e", "cpu", "-c", work / "genai-cache"])
     common = ["--prompt-len", args.prompt_len, "--gen-len", args.gen_len, "--runs", 1, "--threads", args.threads]
     runs: dict[tuple[str, int], list[dict]] = {}
+    probe = BandwidthProbe(args.threads)
+    reading = probe.read()[0]
+
+    def measured(system: str, batch: int, cmd: list, **kwargs) -> None:
+        nonlocal reading
+        say(f"round {round_ + 1}/{args.runs}, batch {batch}: {system}")
+        report = json.loads(run(cmd, **kwargs))
+        before, reading = reading, probe.read()[0]
+        if "bandwidth_fraction" in report:  # llama-bench's own figure, with its own probe
+            report["llama_bench_bandwidth_fraction"] = report.pop("bandwidth_fraction")
+        if "decode_median_step_ms" in report:  # the run's bandwidth against the readings either side of it
+            per_step = report.get("bytes_per_step") or runs[(next(iter(OURS)), batch)][-1]["bytes_per_step"]
+            report["bandwidth_fraction"] = round(
+                bracketed_fractions([per_step / report["decode_median_step_ms"] * 1e3], [before, reading])[1][0], 3)
+        runs.setdefault((system, batch), []).append(report)
+
     for round_ in range(args.runs):  # round robin: every system once per round, so drift hits all alike
         for batch in args.batch:
             for name in OURS:
-                say(f"round {round_ + 1}/{args.runs}, batch {batch}: {name}")
-                report = json.loads(run([sys.executable, "-m", "runtime.bench", work / name, "--batch", batch,
-                                         *common, "--json"], cwd=ROOT))
-                runs.setdefault((name, batch), []).append(report)
+                measured(name, batch, [sys.executable, "-m", "runtime.bench", work / name, "--batch", batch, *common,
+                                       "--json"], cwd=ROOT)
             for peer in args.peers:
-                say(f"round {round_ + 1}/{args.runs}, batch {batch}: {peer}")
                 model_dir = genai_dir if peer == "genai" else ckpt
-                report = json.loads(run([pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer,
-                                         model_dir, "--work", work, "--vocab", 32000, "--batch", batch, *common]))
-                runs.setdefault((peer, batch), []).append(report)
+                measured(peer, batch, [pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer, model_dir,
+                                       "--work", work, "--vocab", 32000, "--batch", batch, *common])
+    probe.close()
     rows = []
     for (system, batch), reports in runs.items():
         row = {"system": system, "batch": batch, "runs": len(reports)}
-        for key in ("prefill_ms", "decode_tokens_per_s", "bandwidth_fraction"):
+        for key in ("prefill_ms", "decode_tokens_per_s", "bandwidth_fraction", "llama_bench_bandwidth_fraction"):
             if key in reports[0]:
                 row[key] = statistics.median(r[key] for r in reports)
                 row[f"{key}_each"] = [r[key] for r in reports]
         rows.append(row)
     print(f"\n{args.model}, fp32, {args.prompt_len} + {args.gen_len} tokens, {args.threads} threads, "
           f"median of {args.runs} round-robin rounds\n")
-    print(f"{'system':<14} {'batch':>5} {'decode tok/s':>13} {'prefill ms':>11} {'ours/this decode':>17} "
-          f"{'ours/this prefill':>18}")
+    print(f"{'system':<16} {'batch':>5} {'decode tok/s':>13} {'prefill ms':>11} {'ours/this decode':>17} "
+          f"{'ours/this prefill':>18} {'bandwidth fraction':>19}")
     for batch in args.batch:
         mine = [r for r in rows if r["batch"] == batch and r["system"] in OURS]
         best = max(mine, key=lambda r: r["decode_tokens_per_s"])
         quickest = min(r["prefill_ms"] for r in mine)
         for r in (r for r in rows if r["batch"] == batch):
-            print(f"{r['system']:<14} {batch:>5} {r['decode_tokens_per_s']:>13.2f} {r['prefill_ms']:>11.1f} "
+            fraction = f"{r['bandwidth_fraction']:.3f}" if "bandwidth_fraction" in r else "-"
+            print(f"{r['system']:<16} {batch:>5} {r['decode_tokens_per_s']:>13.2f} {r['prefill_ms']:>11.1f} "
                   f"{best['decode_tokens_per_s'] / r['decode_tokens_per_s']:>17.2f} "
-                  f"{quickest / r['prefill_ms']:>18.2f}")
+                  f"{quickest / r['prefill_ms']:>18.2f} {fraction:>19}")
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     say(f"rows written to {work / 'results.json'}")
 

@@ -1,11 +1,17 @@
 """`llama-bench`: prefill latency, decode tokens/s, peak RSS, and the fraction of memory bandwidth used.
 
 Decode on a CPU is bound by reading every weight (and the KV cache) once per step, so the figure
-that says how good a runtime is, is bytes read per step ÷ step time, against a read bandwidth this
-command measures itself in the same run, before and after the timed runs, with the same thread count:
-the best run of ONNX Runtime's matrix-vector products over 256 MiB of constant weights (narrow and wide
-matrices) and of a ReduceSum over the same bytes (`read_bandwidth`). With `--backend trt` the reference is
-the GPU's memory (HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
+that says how good a runtime is, is bytes read per step ÷ step time, against the read bandwidth the machine
+gives at the same time, measured by this command with the same thread count (`BandwidthProbe`): ONNX
+Runtime's matrix-vector products over 256 MiB of constant weights (narrow and wide matrices) and a ReduceSum
+over the same bytes, each run 20 times back to back, in a child process built once (so that its buffers never
+count in this process's peak RSS). The probe reads before the first timed run and after each one, and a run's
+reference is the mean of the readings on either side of it, so that the shared machine's drift falls on both.
+Both sides use the same statistic, robust to the other tenants' bursts: the decode's median step and the best
+probe's median run. `bandwidth_fraction` is the median of the runs' fractions. The best single probe run is
+reported beside it (`peak_read_gb_per_s`, `bandwidth_fraction_of_peak`: decode tokens/s against it), a burst that
+a whole run does not sustain on this shared machine. With `--backend trt`
+the reference is the GPU's memory (HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -29,15 +35,16 @@ from .generate import decode_one_token, prefill
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def read_bandwidth(threads: int | None, megabytes: int = 256, repeats: int = 20) -> float:
-    """The best read bandwidth (bytes/s) ONNX Runtime reaches over `megabytes`, far more than the caches hold,
-    with `threads` threads: the best single run (each probe run `repeats` times) of
+_PROBES: list = []  # the child process's probe sessions: (session, feed, bytes read per run)
+
+
+def _build_probes(threads: int | None, megabytes: int = 256) -> None:
+    """In the probe's child process: ONNX Runtime sessions that each read `megabytes`, far more than the caches
+    hold, with `threads` threads:
     - decode's own access pattern: a chain of matrix-vector products over constant (prepacked) 2048×4096 and
       4096×2048 weights of distinct random values (so nothing can be shared or compressed);
     - the same chain over one 8192-row matrix (ONNX Runtime reads narrow matrices faster, wide ones slower);
-    - a ReduceSum over the same bytes, fed as an input.
-    The best run, not the median, so that the fraction of it a decode step reaches is not flattered by a probe
-    that ran while the machine was busy."""
+    - a ReduceSum over the same bytes, fed as an input."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper, save
 
@@ -47,7 +54,6 @@ def read_bandwidth(threads: int | None, megabytes: int = 256, repeats: int = 20)
     opset = [helper.make_opsetid("", 18)]
     rng = np.random.default_rng(0)
     total = megabytes << 20
-    sessions = []
     with tempfile.TemporaryDirectory() as scratch:  # weights as external data: a model proto holds < 2 GB
         for rows, cols in ((2048, 4096), (8192, total // (4 * 8192))):
             count = max(1, total // (4 * rows * cols))
@@ -64,7 +70,7 @@ def read_bandwidth(threads: int | None, megabytes: int = 256, repeats: int = 20)
                  location=f"gemv{rows}.data")
             del weights, graph
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            sessions.append((session, {"x": np.full((1, rows), 0.5, np.float32)}, 4 * rows * cols * count))
+            _PROBES.append((session, {"x": np.full((1, rows), 0.5, np.float32)}, 4 * rows * cols * count))
     k = 8192
     n = total // (4 * k)
     reduce_graph = helper.make_graph([helper.make_node("ReduceSum", ["w"], ["y"], keepdims=0)], "reduce",
@@ -72,54 +78,109 @@ def read_bandwidth(threads: int | None, megabytes: int = 256, repeats: int = 20)
                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     reduce = ort.InferenceSession(helper.make_model(reduce_graph, opset_imports=opset).SerializeToString(), options,
                                   providers=["CPUExecutionProvider"])
-    sessions.append((reduce, {"w": np.full((k, n), 0.25, np.float32)}, 4 * k * n))
-    best = 0.0
-    for session, feed, size in sessions:
-        session.run(None, feed)  # warm-up
+    _PROBES.append((reduce, {"w": np.full((k, n), 0.25, np.float32)}, 4 * k * n))
+    for session, feed, _ in _PROBES:
+        session.run(None, feed)  # warm-up (prepacking)
+
+
+def _read_window(repeats: int) -> tuple[float, float]:
+    """In the child: (the best probe's bytes/s in its median run of `repeats` back-to-back runs, the best single
+    run's)."""
+    typical = peak = 0.0
+    for session, feed, size in _PROBES:
+        times = []
         for _ in range(repeats):
             start = time.perf_counter()
             session.run(None, feed)
-            best = max(best, size / (time.perf_counter() - start))
-    return best
+            times.append(time.perf_counter() - start)
+        typical, peak = max(typical, size / statistics.median(times)), max(peak, size / min(times))
+    return typical, peak
 
 
-def probe_apart(threads: int | None) -> float:
-    """`read_bandwidth` in a child process, so that its buffers never count in this process's peak RSS."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(read_bandwidth, (threads,))
+class BandwidthProbe:
+    """The host's read bandwidth, measured by ONNX Runtime in a child process built once (see the module's
+    docstring). `read()` gives (bytes/s in the best probe's median run, bytes/s in the best single run)."""
+
+    def __init__(self, threads: int | None, repeats: int = 20):
+        self.repeats = repeats
+        self.pool = multiprocessing.get_context("spawn").Pool(1, initializer=_build_probes, initargs=(threads,))
+
+    def read(self) -> tuple[float, float]:
+        return self.pool.apply(_read_window, (self.repeats,))
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
 
 
-def hbm_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+class HbmProbe:
     """Bytes/s of GPU memory traffic in a device-to-device copy of `megabytes`: each byte is read once and
-    written once (the median of `repeats`)."""
-    import torch
+    written once. `read()` gives (the median of `repeats` copies, the best one)."""
 
-    source = torch.ones(megabytes << 20, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    target.copy_(source)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        target.copy_(source)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * source.numel() / statistics.median(times)
+    def __init__(self, megabytes: int = 1024, repeats: int = 5):
+        import torch
+
+        self.repeats = repeats
+        self.source = torch.ones(megabytes << 20, dtype=torch.uint8, device="cuda")
+        self.target = torch.empty_like(self.source)
+        self.target.copy_(self.source)  # warm-up
+
+    def read(self) -> tuple[float, float]:
+        import torch
+
+        times = []
+        for _ in range(self.repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.target.copy_(self.source)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        size = 2 * self.source.numel()
+        return size / statistics.median(times), size / min(times)
+
+    def close(self) -> None:
+        del self.source, self.target
 
 
-def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int, seed: int) -> tuple[float, float]:
+def bytes_per_step(artifact: Artifact, batch: int, prompt_len: int, gen_len: int) -> int:
+    """Bytes a decode step reads, averaged over `gen_len` steps after `prompt_len` tokens: every weight but the
+    embedding table (a step gathers one row of it, unless it is tied to the output projection), and the cache."""
+    c = artifact.config
+    per_element = BYTES[artifact.dtype]
+    weights = artifact.manifest["export"]["weights_bytes"]
+    if not c.get("tie_word_embeddings"):
+        weights -= c["vocab_size"] * c["hidden_size"] * per_element
+    mean_len = prompt_len + (gen_len + 1) / 2
+    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * artifact.head_dim * per_element
+    return int(weights + kv_bytes_per_token * mean_len * batch)
+
+
+def bracketed_fractions(achieved: list[float], readings: list[float]) -> tuple[list[float], list[float]]:
+    """Each run's reference (the mean of the probe readings before and after it; `readings` has one more entry
+    than `achieved`) and its achieved fraction of that."""
+    if len(readings) != len(achieved) + 1:
+        raise ValueError(f"{len(achieved)} runs need {len(achieved) + 1} probe readings, not {len(readings)}")
+    references = [(before + after) / 2 for before, after in zip(readings, readings[1:])]
+    return references, [a / r for a, r in zip(achieved, references)]
+
+
+def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int,
+             seed: int) -> tuple[float, float, float]:
+    """Seconds of the prefill, of the whole decode, and of its median step."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(batch)]
     start = time.perf_counter()
     logits, past, mask, pos = prefill(backend, prompts)
     prefill_s = time.perf_counter() - start
     tokens = logits.argmax(-1)
-    start = time.perf_counter()
+    steps = []
     for _ in range(gen_len):
+        start = time.perf_counter()
         logits, past, mask, pos = decode_one_token(backend, tokens, past, mask, pos)
         tokens = logits.argmax(-1)
-    return prefill_s, time.perf_counter() - start
+        steps.append(time.perf_counter() - start)
+    return prefill_s, sum(steps), statistics.median(steps)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -146,30 +207,34 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    probe = hbm_bandwidth if backend == "trt" else lambda: probe_apart(threads)
-    bandwidth = probe()
-    run_once(engine, c["vocab_size"], batch, min(prompt_len, 8), 2, seed=99)  # warm-up
-    results = [run_once(engine, c["vocab_size"], batch, prompt_len, gen_len, seed=i) for i in range(runs)]
+    probe = HbmProbe() if backend == "trt" else BandwidthProbe(threads)
+    try:
+        run_once(engine, c["vocab_size"], batch, min(prompt_len, 8), 2, seed=99)  # warm-up
+        readings = [probe.read()]
+        results = []
+        for i in range(runs):
+            results.append(run_once(engine, c["vocab_size"], batch, prompt_len, gen_len, seed=i))
+            readings.append(probe.read())
+    finally:
+        probe.close()
     prefill_s = statistics.median(r[0] for r in results)
     decode_s = statistics.median(r[1] for r in results)
-    weights = artifact.manifest["export"]["weights_bytes"]
-    if not c.get("tie_word_embeddings"):  # a decode step gathers one embedding row, not the table
-        weights -= c["vocab_size"] * c["hidden_size"] * BYTES[artifact.dtype]
-    mean_len = prompt_len + (gen_len + 1) / 2
-    per_element = BYTES[artifact.dtype]
-    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * artifact.head_dim * per_element
-    cache = kv_bytes_per_token * mean_len * batch
-    per_step = weights + cache
-    bandwidth = max(bandwidth, probe())
-    achieved = per_step * gen_len / decode_s
+    per_step = bytes_per_step(artifact, batch, prompt_len, gen_len)
+    achieved = [per_step / r[2] for r in results]  # in the median step, as the probe's reading is its median run
+    references, fractions = bracketed_fractions(achieved, [typical for typical, _ in readings])
+    peak = max(best for _, best in readings)
     report = {
         "artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "batch": batch,
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads,
         "prefill_ms": round(prefill_s * 1e3, 1), "decode_tokens_per_s": round(batch * gen_len / decode_s, 2),
-        "decode_steps_per_s": round(gen_len / decode_s, 2), "bytes_per_step": int(per_step),
-        "achieved_gb_per_s": round(achieved / 1e9, 2), "measured_read_gb_per_s": round(bandwidth / 1e9, 2),
+        "decode_steps_per_s": round(gen_len / decode_s, 2),
+        "decode_median_step_ms": round(statistics.median(r[2] for r in results) * 1e3, 3), "bytes_per_step": per_step,
+        "achieved_gb_per_s": round(per_step * gen_len / decode_s / 1e9, 2),
+        "measured_read_gb_per_s": round(statistics.median(references) / 1e9, 2),
         "bandwidth_of": "GPU memory (HBM)" if backend == "trt" else "host memory",
-        "bandwidth_fraction": round(achieved / bandwidth, 3),
+        "bandwidth_fraction": round(statistics.median(fractions), 3),
+        "peak_read_gb_per_s": round(peak / 1e9, 2),
+        "bandwidth_fraction_of_peak": round(per_step * gen_len / decode_s / peak, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if as_json:

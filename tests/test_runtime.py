@@ -288,6 +288,12 @@ def test_bench_reports_consistent_figures(artifacts):
     assert report["achieved_gb_per_s"] == pytest.approx(
         report["bytes_per_step"] * report["decode_steps_per_s"] / 1e9, rel=0.02)
     assert report["measured_read_gb_per_s"] > 0.5 and report["peak_rss_mb"] > 50
+    assert report["peak_read_gb_per_s"] >= report["measured_read_gb_per_s"]
+    assert report["bandwidth_fraction_of_peak"] == pytest.approx(
+        report["achieved_gb_per_s"] / report["peak_read_gb_per_s"], rel=0.02)
+    # the fraction is the median step's bandwidth against the probe's median run
+    assert report["bandwidth_fraction"] == pytest.approx(report["bytes_per_step"] / report["decode_median_step_ms"]
+                                                         / 1e6 / report["measured_read_gb_per_s"], rel=0.05)
     bad = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "1000",
                           "--gen-len", "100"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "exceeds the context window 1024" in bad.stderr
