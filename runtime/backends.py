@@ -59,7 +59,8 @@ class Backend(Protocol):
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Past,
                 logits_to_keep: int) -> tuple[np.ndarray, Past]:
-        """float32 logits `[batch, kept, vocab]` and the present cache."""
+        """float32 logits `[batch, kept, vocab]` and the present cache. The logits may be the backend's own array,
+        rewritten by the next step on the same cache: copy them to keep them."""
 
     def empty_cache(self, batch: int) -> Past:
         """The past of a first step: length 0."""
@@ -102,6 +103,17 @@ class OrtBackend:
 
 
 @dataclass
+class StepArrays:
+    """A static step's small inputs and its logits, bound once and then rewritten in place while the steps keep
+    their shape (every decode step of a cache), so that a step neither binds nor allocates."""
+    inputs: dict[str, np.ndarray]
+    logits: np.ndarray
+
+    def fits(self, batch: int, seq: int, kept: int) -> bool:
+        return self.inputs["input_ids"].shape == (batch, seq) and self.logits.shape[1] == kept
+
+
+@dataclass
 class StaticCache:
     """The static flavour's cache: one preallocated buffer pair per layer and how many slots are written.
     `forward` updates the buffers in place: a cache passed to it is consumed."""
@@ -109,11 +121,14 @@ class StaticCache:
     length: int
     host: list[np.ndarray] = field(default_factory=list, repr=False)  # the CPU arrays the OrtValues wrap
     binding: Any = field(default=None, repr=False)  # an IOBinding with each buffer bound as past and present
+    step: StepArrays | None = field(default=None, repr=False)  # what the binding's other names are bound to
 
 
 class StaticOrtBackend(OrtBackend):
     """ONNX Runtime on a static-cache graph, the cache updated in place through IOBinding. The binding of the
-    buffers is made once per cache, so a step binds only its small inputs and its logits."""
+    buffers is made once per cache, and that of a step's small inputs and logits once per step shape, so a decode
+    step only writes its token ids, mask, positions and write slots into arrays already bound. The logits it
+    returns are such an array: valid until the next step on the same cache (copy them to keep them)."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None, providers: list[str] | None = None):
         super().__init__(artifact, threads, providers)
@@ -145,25 +160,39 @@ class StaticOrtBackend(OrtBackend):
         arrays = past.host or [value.numpy() for pair in past.buffers for value in pair]
         return self._cache([np.ascontiguousarray(array[rows]) for array in arrays], past.length)
 
-    def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
+    def _step_arrays(self, past: StaticCache, batch: int, seq: int, kept: int) -> StepArrays:
+        """The cache's bound step arrays if this step has their shape, else new ones, bound."""
         import onnxruntime as ort
 
+        if past.step is not None and past.step.fits(batch, seq, kept):
+            return past.step
+        inputs = {"input_ids": np.zeros((batch, seq), np.int64),
+                  "attention_mask": np.zeros((batch, self.max_sequence_length), np.int64),
+                  "position_ids": np.zeros((batch, seq), np.int64), "write_indices": np.zeros(batch, np.int64),
+                  "logits_to_keep": np.array(kept, np.int64)}
+        logits = np.empty((batch, kept, self.vocab_size), np.float32)
+        for name, array in inputs.items():
+            past.binding.bind_cpu_input(name, array)
+        past.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return StepArrays(inputs, logits)
+
+    def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
         batch, seq = input_ids.shape
         total = past.length + seq
         if total > self.max_sequence_length:
             raise ValueError(f"{total} tokens do not fit the static cache of {self.max_sequence_length} slots; "
                              f"re-export with a larger --max-seq-len")
-        feed = static_feed(input_ids, attention_mask, position_ids, past.length, self.max_sequence_length)
-        feed["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
-        binding = past.binding
-        feed = {name: np.ascontiguousarray(array) for name, array in feed.items()}  # alive until the run ends
-        for name, array in feed.items():
-            binding.bind_cpu_input(name, array)
+        if attention_mask.shape != (batch, total):
+            raise ValueError(f"attention_mask is {attention_mask.shape}, expected {(batch, total)}")
         kept = seq if logits_to_keep <= 0 else min(logits_to_keep, seq)
-        logits = np.empty((batch, kept, self.vocab_size), np.float32)  # written by the run, owned by the caller
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        self.session.run_with_iobinding(binding)
-        return logits, StaticCache(past.buffers, total, past.host, binding)
+        step = self._step_arrays(past, batch, seq, kept)
+        step.inputs["input_ids"][...] = input_ids
+        step.inputs["attention_mask"][:, :total] = attention_mask  # the portable mask on the first slots
+        step.inputs["attention_mask"][:, total:] = 0
+        step.inputs["position_ids"][...] = position_ids
+        step.inputs["write_indices"][...] = past.length  # the slot each row writes first
+        self.session.run_with_iobinding(past.binding)
+        return step.logits, StaticCache(past.buffers, total, past.host, past.binding, step)
 
 
 BACKENDS = ("ort", "trt", "torch")
