@@ -55,7 +55,9 @@ def io_contract(config: LlamaConfig, dtype: str, max_seq: int | None = None) -> 
     if max_seq:
         contract["static_cache"] = ("present.* is past_key_values.* with this step's keys/values written at slots "
                                     "write_indices[b] + i (bind the same buffer as both to update in place); "
-                                    "attention_mask marks the slots that hold real tokens")
+                                    "attention_mask marks the slots that hold real tokens; the ort target may cache "
+                                    "keys rotated by slot rather than position (see export.passes): only this graph "
+                                    "reads them")
     return contract
 
 

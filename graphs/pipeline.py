@@ -114,7 +114,8 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
         steps.append((f"static KV cache (TensorScatter, {max_seq} slots)",
                       lambda m: static_cache.apply(m, max_seq), "caches made static"))
     if target == "ort" and max_positions:
-        sharing = ", past and present share one buffer" if max_seq is not None else ""
+        sharing = (", past and present share one buffer; packed qkv rotated in the kernel, keys cached rotated by "
+                   "slot, where head_dim is a multiple of 16") if max_seq is not None else ""
         steps.append((f"GroupQueryAttention (com.microsoft{sharing})", ort_gqa.apply, "layers fused"))
     steps.append(("cleanup", _cleanup, "nodes removed"))
     return steps

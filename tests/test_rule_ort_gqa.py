@@ -1,5 +1,6 @@
 """GroupQueryAttention (ort target): ORT before and after, on the portable cache (fp32, fp16) and on the static
-cache, whose buffer is both past and present and is updated in place."""
+cache, whose buffer is both past and present and is updated in place, and whose kernel rotates q and k itself, by
+slot."""
 
 from __future__ import annotations
 
@@ -10,36 +11,44 @@ import pytest
 from graphs import pipeline
 from graphs.rules import ort_gqa, ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, static_cache
 from runtime.backends import ort_feed
+from conftest import small_config
 from graph_helpers import GQA, assert_same_outputs, assert_updates_in_place, run, save, traced
 from test_rule_static_cache import SLOTS, steps
 
 LAYERS = GQA.num_hidden_layers
 
 
-def ort_fused(path, slots: int | None = None) -> ir.Model:
+GQA16 = small_config(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def ort_fused(path, slots: int | None = None, config=GQA) -> ir.Model:
     """The ort target's graph up to (not including) GroupQueryAttention."""
     model = ir.load(str(path))
     pipeline._cleanup(model)
     for fuse in (rms_norm.apply, rotary.apply, packed_matmul.apply, skip_rms_norm.apply,
-                 lambda m: ort_rotary.apply(m, GQA.max_position_embeddings)):
+                 lambda m: ort_rotary.apply(m, config.max_position_embeddings)):
         fuse(model)
     if slots:
         static_cache.apply(model, slots)
     return model
 
 
-def fuse_gqa(model: ir.Model) -> dict[str, int]:
+def fuse_gqa(model: ir.Model, config=GQA, rotary_in_kernel: bool = False) -> dict[str, int]:
     assert ort_gqa.apply(model) == LAYERS
     pipeline._cleanup(model)
     counts = pipeline.op_counts(model)
     print(f"after GroupQueryAttention: {counts}")
     assert counts["GroupQueryAttention"] == LAYERS and not {"Attention", "Concat", "TensorScatter"} & set(counts)
     assert "Transpose" not in counts  # the kernel reads [batch, seq, heads·head_dim] and rope rotates it so
+    # static, head_dim 16·n: the kernel reads the packed qkv and rotates it (no qkv Split, no RotaryEmbedding)
+    assert counts.get("RotaryEmbedding", 0) == (0 if rotary_in_kernel else 2 * LAYERS)
+    assert counts["Split"] == (LAYERS if rotary_in_kernel else 2 * LAYERS)
     for node in model.graph:
         if node.op_type == "GroupQueryAttention":
             a = node.attributes
-            assert (a.get_int("num_heads"), a.get_int("kv_num_heads")) == (GQA.num_attention_heads,
-                                                                           GQA.num_key_value_heads)
+            assert (a.get_int("num_heads"), a.get_int("kv_num_heads")) == (config.num_attention_heads,
+                                                                           config.num_key_value_heads)
+            assert a.get_int("do_rotary") == int(rotary_in_kernel) and (node.inputs[1] is None) == rotary_in_kernel
             assert [o.name for o in node.outputs[1:]][0].startswith("present.")
     return counts
 
@@ -53,25 +62,37 @@ def test_portable_cache_keeps_outputs(tmp_path, dtype, np_dtype, tolerance):
     print(f"GroupQueryAttention, portable cache ({dtype}): max relative output difference {worst:.2e}")
 
 
-@pytest.fixture(scope="module")
-def static_graphs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[(GQA, False), (GQA16, True)], ids=["head_dim8", "head_dim16"])
+def static_graphs(tmp_path_factory, request):
+    """(TensorScatter + Attention graph, GroupQueryAttention graph, whether its kernel rotates q and k): head_dim 8
+    keeps the contrib RotaryEmbedding outside the kernel, head_dim 16 moves it inside."""
+    config, rotary_in_kernel = request.param
     tmp = tmp_path_factory.mktemp("gqa-static")
-    model = ort_fused(traced(tmp / "traced"), SLOTS)
+    model = ort_fused(traced(tmp / "traced", config), SLOTS, config)
     before = save(model, tmp / "scatter" / "model.onnx")
-    fuse_gqa(model)
-    return before, save(model, tmp / "gqa" / "model.onnx")
+    fuse_gqa(model, config, rotary_in_kernel)
+    return before, save(model, tmp / "gqa" / "model.onnx"), config, rotary_in_kernel
+
+
+def rope_shift(keys: np.ndarray, shift: int) -> np.ndarray:
+    """Keys rotated (rotate-half rope) by `shift` more positions."""
+    d = keys.shape[-1]
+    angle = shift / GQA16.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    cos, sin = np.tile(np.cos(angle), 2), np.tile(np.sin(angle), 2)
+    half = np.concatenate([-keys[..., d // 2:], keys[..., :d // 2]], axis=-1)
+    return (keys * cos + half * sin).astype(keys.dtype)
 
 
 def test_static_cache_matches_tensorscatter_step_after_step(static_graphs):
-    scatter, fused = static_graphs
-    kvh, d = GQA.num_key_value_heads, GQA.head_dim
+    scatter, fused, config, rotary_in_kernel = static_graphs
+    kvh, d = config.num_key_value_heads, config.head_dim
     buffers = {g: [tuple(np.zeros((2, kvh, SLOTS, d), np.float32) for _ in range(2)) for _ in range(LAYERS)]
-               for g in static_graphs}
+               for g in (scatter, fused)}
     written, worst = 0, 0.0
     for ids, mask, keep in steps(np.random.default_rng(0)):
         pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)[:, -ids.shape[1]:]
         out = {}
-        for graph in static_graphs:
+        for graph in (scatter, fused):
             feed = ort_feed(ids, np.pad(mask, ((0, 0), (0, SLOTS - mask.shape[1]))), pos, buffers[graph], keep)
             feed["write_indices"] = np.full(2, written, np.int64)
             out[graph] = run(graph, feed)
@@ -81,14 +102,21 @@ def test_static_cache_matches_tensorscatter_step_after_step(static_graphs):
         worst = max(worst, float(np.abs(ours - ref)[real].max()) / float(np.abs(ref).max()))
         written = mask.shape[1]
         for (k, v), (gk, gv) in zip(buffers[scatter], buffers[fused]):
-            np.testing.assert_allclose(gk[:, :, :written], k[:, :, :written], rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(gv[:, :, :written], v[:, :, :written], rtol=1e-6, atol=1e-6)
-    print(f"GroupQueryAttention vs TensorScatter + Attention over prefill + 3 steps: logits within {worst:.3g}")
+            if not rotary_in_kernel:
+                np.testing.assert_allclose(gk[:, :, :written], k[:, :, :written], rtol=1e-6, atol=1e-6)
+                continue
+            # keys rotated by slot: row 0's slots are its positions, row 1's its positions + 2 (its padding)
+            np.testing.assert_allclose(gk[0, :, :written], k[0, :, :written], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(gk[1, :, 2:written], rope_shift(k[1, :, 2:written], 2), rtol=1e-5, atol=1e-5)
+            assert np.abs(gk[1, :, 2:written] - k[1, :, 2:written]).max() > 1e-2  # the shift is visible
+    print(f"GroupQueryAttention (head_dim {d}) vs TensorScatter + Attention over prefill + 3 steps: logits within "
+          f"{worst:.3g}")
     assert worst <= 1e-5
 
 
 def test_static_cache_buffer_is_updated_in_place(static_graphs):
-    assert_updates_in_place(static_graphs[1], slots=SLOTS)
+    assert_updates_in_place(static_graphs[1], config=static_graphs[2], slots=SLOTS)
 
 
 def test_graph_without_contrib_rope_is_left_alone(tmp_path):

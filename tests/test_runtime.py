@@ -20,8 +20,8 @@ from runtime.sampling import SamplingParams, filtered_probs, sample
 from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, transformers_model
 
-CONFIGS = {"mha": small_config(vocab_size=4096, max_position_embeddings=128),
-           "gqa": small_config(vocab_size=4096, max_position_embeddings=128, num_attention_heads=8,
+CONFIGS = {"mha": small_config(vocab_size=4096, max_position_embeddings=128),  # head_dim 16 (and gqa)
+           "gqa": small_config(vocab_size=4096, max_position_embeddings=128, hidden_size=128, num_attention_heads=8,
                                num_key_value_heads=2)}
 PROMPTS = ["A list comprehension", "The tutorial explains how", "Hello"]
 

@@ -12,12 +12,18 @@ and become one kernel that reads `[batch, seq, heads·head_dim]` directly and wr
     out, K, V = GroupQueryAttention(q, k, v2, past_key, past_value, seqlens_k, total_sequence_length,
                                     attention_bias=Where(mask, 0, lowest))
 
-Rope stays outside the kernel: GroupQueryAttention rotates a first prompt from its first position on,
-which a left-padded row does not have. The portable cache keeps its contract (past grows into present:
-`seqlens_k = total − 1` for every row). The static cache shares one buffer as past and present: the step
-writes at `write_indices`, `query_seqlens` says every row brings the whole step, and `total_sequence_length`
-is the buffer's slot count, only an upper bound, so the bias spans every slot; ONNX Runtime then updates
-the buffer in place when the same OrtValue is bound as both.
+The portable cache keeps its contract (past grows into present: `seqlens_k = total − 1` for every row),
+and its rope stays outside the kernel: GroupQueryAttention rotates by cache slot (a first prompt from slot 0
+on), and a left-padded row's slot is its position plus its padding, so the present keys would not be the
+model's. The static cache shares one buffer as past and present: the step writes at `write_indices`,
+`query_seqlens` says every row brings the whole step, and `total_sequence_length` is the buffer's slot count,
+only an upper bound, so the bias spans every slot; ONNX Runtime then updates the buffer in place when the same
+OrtValue is bound as both. That cache is the runtime's own, so where its projections are packed (one qkv
+MatMul and a Split) and head_dim is a multiple of 16 (as the kernel's rope requires), the kernel reads
+the packed `[batch, seq, (H + 2·KV)·head_dim]` and rotates q and k itself (`do_rotary`), by slot: a row's
+slots and positions differ by the same padding for every token, and rope's attention scores depend only on
+the difference of the query's and key's positions, so the scores, and so the output, are the model's; the
+cached keys are rotated by slot. This saves the Split and both RotaryEmbedding nodes of each layer.
 """
 
 from __future__ import annotations
@@ -133,10 +139,19 @@ def _match(attention: ir.Node) -> dict:
     if reshape is None or len(after.outputs[0].uses()) != 1:
         raise _Unmatched(f"{attention.name}: the output is not merged back to [batch, seq, hidden]")
     scale = attributes.get_float("scale", 1.0 / math.sqrt(head_dim))
+    projections = [_unheaded(ropes[0].inputs[0]), _unheaded(ropes[1].inputs[0]), _unheaded(new_value)]
     return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, scale=scale, mask=mask, ropes=ropes,
-                projections=[_unheaded(ropes[0].inputs[0]), _unheaded(ropes[1].inputs[0]), _unheaded(new_value)],
+                projections=projections, packed=_packed(projections),
                 pasts=[past_key, past_value], updates=[key_update, value_update], output=reshape.outputs[0],
                 shared=key_update.op_type == "TensorScatter")
+
+
+def _packed(projections: list[ir.Value]) -> ir.Value | None:
+    """The packed qkv projection that a last-axis Split divides into exactly q, k and v, if there is one."""
+    split = projections[0].producer()
+    if split is None or split.op_type != "Split" or split.domain != "" or list(split.outputs) != projections:
+        return None
+    return split.inputs[0] if split.attributes.get_int("axis", 0) in (-1, 2) else None
 
 
 def apply(model: ir.Model) -> int:
@@ -169,15 +184,21 @@ def apply(model: ir.Model) -> int:
         dtype = q2.dtype
         if (m["mask"].name, dtype) not in biases:
             biases[(m["mask"].name, dtype)] = _bias(b, m["mask"], dtype)
-        rotated = []
-        for rope, x, heads in zip(m["ropes"], (q2, k2), (m["heads"], m["kv_heads"])):
-            node = ir.node("RotaryEmbedding", [x, *rope.inputs[1:]], attributes={"interleaved": 0, "num_heads": heads},
-                           domain=MS, name=f"{rope.name}/bsh")
-            node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
-            graph.insert_before(attention, node)
-            rotated.append(node.outputs[0])
-        feed = [*rotated, v2, *m["pasts"], lengths[0], lengths[1], None, None, None, biases[(m["mask"].name, dtype)]]
+        bias = biases[(m["mask"].name, dtype)]
         attributes = {"num_heads": m["heads"], "kv_num_heads": m["kv_heads"], "scale": m["scale"], "do_rotary": 0}
+        if slots is not None and m["packed"] is not None and m["head_dim"] % 16 == 0:  # rotated in the kernel, by slot
+            cos_cache, sin_cache = m["ropes"][0].inputs[2:4]
+            feed = [m["packed"], None, None, *m["pasts"], lengths[0], lengths[1], cos_cache, sin_cache, None, bias]
+            attributes.update(do_rotary=1, rotary_interleaved=0)
+        else:
+            rotated = []
+            for rope, x, heads in zip(m["ropes"], (q2, k2), (m["heads"], m["kv_heads"])):
+                node = ir.node("RotaryEmbedding", [x, *rope.inputs[1:]],
+                               attributes={"interleaved": 0, "num_heads": heads}, domain=MS, name=f"{rope.name}/bsh")
+                node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
+                graph.insert_before(attention, node)
+                rotated.append(node.outputs[0])
+            feed = [*rotated, v2, *m["pasts"], lengths[0], lengths[1], None, None, None, bias]
         feed += [None] * 5 + [lengths[2]]  # head_sink, k_scale, v_scale, q/k_norm_weight; query_seqlens
         fused = ir.node("GroupQueryAttention", feed, attributes=attributes, domain=MS, num_outputs=3,
                         name=f"{attention.name}/GroupQueryAttention")
