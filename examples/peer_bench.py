@@ -49,6 +49,7 @@ def genai_runner(model_dir: Path, threads: int):
         start = time.perf_counter()
         generator.append_tokens(ids.astype(np.int32))  # the prefill forward pass
         prefill = time.perf_counter() - start
+        start = time.perf_counter()
         generator.generate_next_token()  # only samples the prefill's logits (timed as part of the decode)
         steps = [time.perf_counter() - start]
         for _ in range(gen_len):  # each runs the model on one token per row
