@@ -156,7 +156,8 @@ def main() -> None:
     rows = []
     for (system, batch), reports in runs.items():
         row = {"system": system, "batch": batch, "runs": len(reports)}
-        for key in ("prefill_ms", "decode_tokens_per_s", "bandwidth_fraction", "llama_bench_bandwidth_fraction"):
+        for key in ("prefill_ms", "decode_tokens_per_s", "bandwidth_fraction", "llama_bench_bandwidth_fraction",
+                    "bandwidth_fraction_of_peak"):
             if key in reports[0]:
                 row[key] = statistics.median(r[key] for r in reports)
                 row[f"{key}_each"] = [r[key] for r in reports]
