@@ -37,17 +37,23 @@ def ort_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np
 
 
 def static_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, written: int,
-                slots: int) -> dict[str, np.ndarray]:
+                slots: int, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The static graph's step inputs besides the cache and logits_to_keep: the portable `[batch, written +
-    sequence]` mask placed on the first of `slots` slots, and the slot each row writes first."""
+    sequence]` mask placed on the first of `slots` slots, and the slot each row writes first. Written into the
+    arrays of `into` (a feed of the same shapes) when given, else into new ones."""
     batch, seq = input_ids.shape
     total = written + seq
     if attention_mask.shape != (batch, total):
         raise ValueError(f"attention_mask is {attention_mask.shape}, expected {(batch, total)}")
-    mask = np.zeros((batch, slots), np.int64)
-    mask[:, :total] = attention_mask
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-            "write_indices": np.full(batch, written, np.int64)}
+    feed = into if into is not None else {
+        "input_ids": np.empty((batch, seq), np.int64), "attention_mask": np.empty((batch, slots), np.int64),
+        "position_ids": np.empty((batch, seq), np.int64), "write_indices": np.empty(batch, np.int64)}
+    feed["input_ids"][...] = input_ids
+    feed["attention_mask"][:, :total] = attention_mask
+    feed["attention_mask"][:, total:] = 0
+    feed["position_ids"][...] = position_ids
+    feed["write_indices"][...] = written
+    return feed
 
 
 class Backend(Protocol):
@@ -160,37 +166,25 @@ class StaticOrtBackend(OrtBackend):
         arrays = past.host or [value.numpy() for pair in past.buffers for value in pair]
         return self._cache([np.ascontiguousarray(array[rows]) for array in arrays], past.length)
 
-    def _step_arrays(self, past: StaticCache, batch: int, seq: int, kept: int) -> StepArrays:
-        """The cache's bound step arrays if this step has their shape, else new ones, bound."""
+    def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
         import onnxruntime as ort
 
-        if past.step is not None and past.step.fits(batch, seq, kept):
-            return past.step
-        inputs = {"input_ids": np.zeros((batch, seq), np.int64),
-                  "attention_mask": np.zeros((batch, self.max_sequence_length), np.int64),
-                  "position_ids": np.zeros((batch, seq), np.int64), "write_indices": np.zeros(batch, np.int64),
-                  "logits_to_keep": np.array(kept, np.int64)}
-        logits = np.empty((batch, kept, self.vocab_size), np.float32)
-        for name, array in inputs.items():
-            past.binding.bind_cpu_input(name, array)
-        past.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        return StepArrays(inputs, logits)
-
-    def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
         batch, seq = input_ids.shape
         total = past.length + seq
         if total > self.max_sequence_length:
             raise ValueError(f"{total} tokens do not fit the static cache of {self.max_sequence_length} slots; "
                              f"re-export with a larger --max-seq-len")
-        if attention_mask.shape != (batch, total):
-            raise ValueError(f"attention_mask is {attention_mask.shape}, expected {(batch, total)}")
         kept = seq if logits_to_keep <= 0 else min(logits_to_keep, seq)
-        step = self._step_arrays(past, batch, seq, kept)
-        step.inputs["input_ids"][...] = input_ids
-        step.inputs["attention_mask"][:, :total] = attention_mask  # the portable mask on the first slots
-        step.inputs["attention_mask"][:, total:] = 0
-        step.inputs["position_ids"][...] = position_ids
-        step.inputs["write_indices"][...] = past.length  # the slot each row writes first
+        step = past.step
+        if step is not None and step.fits(batch, seq, kept):  # rewrite the bound arrays in place
+            static_feed(input_ids, attention_mask, position_ids, past.length, self.max_sequence_length, step.inputs)
+        else:  # new arrays for this step shape, bound once
+            inputs = static_feed(input_ids, attention_mask, position_ids, past.length, self.max_sequence_length)
+            inputs["logits_to_keep"] = np.array(kept, np.int64)
+            step = StepArrays(inputs, np.empty((batch, kept, self.vocab_size), np.float32))
+            for name, array in inputs.items():
+                past.binding.bind_cpu_input(name, array)
+            past.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(step.logits))
         self.session.run_with_iobinding(past.binding)
         return step.logits, StaticCache(past.buffers, total, past.host, past.binding, step)
 
