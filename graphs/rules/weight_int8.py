@@ -99,12 +99,14 @@ def _nbits_scales(t: ir.TensorProtocol, block: int) -> np.ndarray:
     return np.repeat(read_weight(t, scales)[:, None], blocks, axis=1).astype(t.dtype.numpy())
 
 
-def int4_blocks(w: np.ndarray, block: int, column_bytes: int = 32 << 20) -> tuple[np.ndarray, np.ndarray]:
+def int4_blocks(w: np.ndarray, block: int, column_bytes: int = 32 << 20,
+                codes: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """(uint8 [N, blocks, block/2] packed codes, float32 scales [N, blocks]) of `w [K, N]`, computed a chunk
-    of columns at a time (no float32 copy of a large weight exists whole); K is zero-padded to whole blocks."""
+    of columns at a time (no float32 copy of a large weight exists whole); K is zero-padded to whole blocks.
+    With `codes` False only the scales are computed (the codes are None)."""
     k, n = w.shape
     blocks = -(-k // block)
-    packed = np.empty((n, blocks, block // 2), np.uint8)
+    packed = np.empty((n, blocks, block // 2), np.uint8) if codes else None
     block_scales = np.empty((n, blocks), np.float32)
     step = max(1, column_bytes // (4 * blocks * block))
     for start in range(0, n, step):
@@ -113,9 +115,10 @@ def int4_blocks(w: np.ndarray, block: int, column_bytes: int = 32 << 20) -> tupl
         grouped = cols.T.reshape(-1, blocks, block)  # [columns, blocks, block]
         peak = np.abs(grouped).max(axis=2)
         scale = np.where(peak == 0, 1.0, peak / 7.0).astype(np.float32)
-        codes = (np.clip(np.rint(grouped / scale[..., None]), -7, 7) + 8).astype(np.uint8)
-        packed[start:start + len(scale)] = codes[..., 0::2] | (codes[..., 1::2] << 4)
         block_scales[start:start + len(scale)] = scale
+        if codes:
+            q = (np.clip(np.rint(grouped / scale[..., None]), -7, 7) + 8).astype(np.uint8)
+            packed[start:start + len(scale)] = q[..., 0::2] | (q[..., 1::2] << 4)
     return packed, block_scales
 
 
@@ -124,12 +127,13 @@ def _matmulnbits(graph: ir.Graph, node: ir.Node, w: ir.Value, block: int, bits: 
     k, n = w.shape
     blocks = -(-k // block)
     if bits == 4:
-        def part(index: int, dtype: np.dtype):  # codes or scales, each from its own read of the weight
-            return lambda: ir.tensor(read_weight(t, lambda a: int4_blocks(a, block))[index].astype(dtype))
+        # codes and scales each from their own read of the weight; the scales' read packs no codes
         b = add_initializer(graph, f"{w.name}.q4", ir.LazyTensor(
-            part(0, np.uint8), dtype=ir.DataType.UINT8, shape=ir.Shape([n, blocks, block // 2])))
+            lambda: ir.tensor(read_weight(t, lambda a: int4_blocks(a, block)[0])), dtype=ir.DataType.UINT8,
+            shape=ir.Shape([n, blocks, block // 2])))
         block_scales = add_initializer(graph, f"{w.name}.scales", ir.LazyTensor(
-            part(1, t.dtype.numpy()), dtype=t.dtype, shape=ir.Shape([n, blocks])))
+            lambda: ir.tensor(read_weight(t, lambda a: int4_blocks(a, block, codes=False)[1]).astype(t.dtype.numpy())),
+            dtype=t.dtype, shape=ir.Shape([n, blocks])))
     else:
         b = add_initializer(graph, f"{w.name}.q8", ir.LazyTensor(
             lambda: ir.tensor(_nbits_weight(t, block)), dtype=ir.DataType.UINT8, shape=ir.Shape([n, blocks, block])))
