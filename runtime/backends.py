@@ -24,6 +24,23 @@ from .artifact import Artifact
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 Past = list[tuple[np.ndarray, np.ndarray]]
+ALIGN = 64  # bytes: a cache line, and one AVX-512 load
+
+
+def aligned_empty(shape: tuple[int, ...], dtype, align: int = ALIGN) -> np.ndarray:
+    """An uninitialised array whose data starts on an `align`-byte boundary, like ONNX Runtime's own buffers.
+    numpy's large arrays start 16 bytes past one, so that a kernel's 64-byte loads of a cache row or of the logits
+    each straddle two cache lines."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    out = aligned_empty(array.shape, array.dtype)
+    out[...] = array
+    return out
 
 
 def ort_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Past,
@@ -159,12 +176,15 @@ class StaticOrtBackend(OrtBackend):
     def empty_cache(self, batch: int) -> StaticCache:
         shape = (batch, self.kv_heads, self.max_sequence_length, self.head_dim)
         # zero-filled, since masked slots still meet the value matrix (0 × NaN would be NaN)
-        return self._cache([np.zeros(shape, self.cache_dtype) for _ in range(2 * self.num_layers)], 0)
+        buffers = [aligned_empty(shape, self.cache_dtype) for _ in range(2 * self.num_layers)]
+        for buffer in buffers:
+            buffer[...] = 0
+        return self._cache(buffers, 0)
 
     def keep_rows(self, past: StaticCache, rows: list[int]) -> StaticCache:
         """New, smaller buffers holding these rows (one copy, when rows finish)."""
         arrays = past.host or [value.numpy() for pair in past.buffers for value in pair]
-        return self._cache([np.ascontiguousarray(array[rows]) for array in arrays], past.length)
+        return self._cache([aligned_copy(array[rows]) for array in arrays], past.length)
 
     def forward(self, input_ids, attention_mask, position_ids, past: StaticCache, logits_to_keep):
         import onnxruntime as ort
@@ -181,7 +201,7 @@ class StaticOrtBackend(OrtBackend):
         else:  # new arrays for this step shape, bound once
             inputs = static_feed(input_ids, attention_mask, position_ids, past.length, self.max_sequence_length)
             inputs["logits_to_keep"] = np.array(kept, np.int64)
-            step = StepArrays(inputs, np.empty((batch, kept, self.vocab_size), np.float32))
+            step = StepArrays(inputs, aligned_empty((batch, kept, self.vocab_size), np.float32))
             for name, array in inputs.items():
                 past.binding.bind_cpu_input(name, array)
             past.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(step.logits))
