@@ -31,6 +31,7 @@ import numpy as np
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
 from .generate import decode_one_token, prefill
+from .hugepages import anon_huge_pages_bytes, huge_pages_state, relaunch_with_huge_pages
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -197,6 +198,7 @@ def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threads, as_json):
     """Benchmark an artifact: prefill latency, decode tokens/s, peak RSS, bandwidth fraction (medians)."""
+    relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         artifact = Artifact.open(directory)
         c = artifact.config
@@ -220,6 +222,7 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     prefill_s = statistics.median(r[0] for r in results)
     decode_s = statistics.median(r[1] for r in results)
     per_step = bytes_per_step(artifact, batch, prompt_len, gen_len)
+    pages = huge_pages_state()
     achieved = [per_step / r[2] for r in results]  # in the median step, as the probe's reading is its median run
     references, fractions = bracketed_fractions(achieved, [typical for typical, _ in readings])
     peak = max(best for _, best in readings)
@@ -236,6 +239,8 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
         "peak_read_gb_per_s": round(peak / 1e9, 2),
         "bandwidth_fraction_of_peak": round(per_step * gen_len / decode_s / peak, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "huge_pages": pages.on, "huge_pages_why": pages.reason,
+        "anon_huge_pages_mb": round((anon_huge_pages_bytes() or 0) / 2**20, 1),
     }
     if as_json:
         click.echo(json.dumps(report))

@@ -11,6 +11,7 @@ from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
 from .chat import ChatFormatError, chat_prompt_ids
 from .generate import Generation
+from .hugepages import relaunch_with_huge_pages
 from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer
 
@@ -42,6 +43,7 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
     The conversation is kept while it fits in the context window; the oldest turns are dropped
     when it does not. Type /reset to start over, /quit (or end the input) to leave.
     """
+    relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
         artifact = Artifact.open(directory)

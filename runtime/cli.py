@@ -11,6 +11,7 @@ import click
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
 from .generate import Generation, GenerationError
+from .hugepages import relaunch_with_huge_pages
 from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer, TokenizerError
 
@@ -45,6 +46,7 @@ def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, r
       llama-generate out/tiny-float32 --prompt "Lists" --prompt "The tutorial" --json
       llama-generate out/tiny-float32 --prompt "Tuples" --temperature 0.8 --top-p 0.9 --seed 1
     """
+    relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         artifact = Artifact.open(directory)

@@ -16,6 +16,7 @@ from exporter.presets import TINY_DIR, resolve_checkpoint
 from runtime.artifact import Artifact, ArtifactError
 from runtime.backends import OrtBackend, StaticOrtBackend, open_backend
 from runtime.generate import Generation, GenerationError, generate
+from runtime.hugepages import huge_pages_state
 from runtime.sampling import SamplingParams, filtered_probs, sample
 from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, transformers_model
@@ -288,6 +289,10 @@ def test_bench_reports_consistent_figures(artifacts):
     assert report["achieved_gb_per_s"] == pytest.approx(
         report["bytes_per_step"] * report["decode_steps_per_s"] / 1e9, rel=0.02)
     assert report["measured_read_gb_per_s"] > 0.5 and report["peak_rss_mb"] > 50
+    pages = huge_pages_state()  # llama-bench restarts onto huge pages where this process could ask for them
+    assert report["huge_pages"] == (pages.on or pages.can_request), report["huge_pages_why"]
+    if report["huge_pages"]:  # the prepacked output projection (4 MiB) at least
+        assert report["anon_huge_pages_mb"] >= 2
     assert report["peak_read_gb_per_s"] >= report["measured_read_gb_per_s"]
     assert report["bandwidth_fraction_of_peak"] == pytest.approx(
         report["achieved_gb_per_s"] / report["peak_read_gb_per_s"], rel=0.02)

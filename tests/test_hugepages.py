@@ -1,0 +1,51 @@
+"""The runtime commands' restart onto transparent huge pages (runtime/hugepages.py), checked in real processes:
+the restart keeps the arguments and the caller's other glibc tunables, and the memory glibc then maps is on huge
+pages, which it is not without the restart."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runtime.hugepages import SWITCH, TUNABLE, huge_pages_state
+
+# relaunch, then map 64 MiB through malloc (a bytearray: Python's own allocator, not numpy's madvise) and touch it
+CHILD = """
+import json, os, sys
+from runtime.hugepages import anon_huge_pages_bytes, huge_pages_state, relaunch_with_huge_pages
+relaunch_with_huge_pages()
+block = bytearray(64 << 20)
+block[::4096] = b"x" * len(block[::4096])
+print(json.dumps({"argv": sys.argv[1:], "tunables": os.environ.get("GLIBC_TUNABLES"), "on": huge_pages_state().on,
+                  "huge_mb": (anon_huge_pages_bytes() or 0) >> 20}))
+"""
+
+
+def child(**env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", SWITCH)} | env
+    out = subprocess.run([sys.executable, "-c", CHILD, "--prompt", "two words"], capture_output=True, text=True,
+                         env=environ, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+needs_madvise = pytest.mark.skipif(not huge_pages_state().can_request,
+                                   reason=f"no restart to ask for huge pages here: {huge_pages_state().reason}")
+
+
+@needs_madvise
+def test_relaunch_puts_malloc_on_huge_pages():
+    on = child()
+    assert on["argv"] == ["--prompt", "two words"] and on["tunables"] == TUNABLE and on["on"]
+    assert on["huge_mb"] >= 32  # most of the 64 MiB block
+    off = child(**{SWITCH: "0"})
+    assert off["tunables"] is None and not off["on"] and off["huge_mb"] < 32
+
+
+@needs_madvise
+def test_relaunch_keeps_other_tunables():
+    out = child(GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+    assert out["tunables"] == f"glibc.malloc.arena_max=2:{TUNABLE}" and out["on"]
+    again = child(GLIBC_TUNABLES=TUNABLE)  # already asked: no second restart, nothing appended
+    assert again["tunables"] == TUNABLE
