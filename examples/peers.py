@@ -15,12 +15,18 @@ ours is faster) and prefill latency (below 1: ours is faster). For the systems w
 steps (ours and genai) it also gives the fraction of the machine's read bandwidth their median step reaches, with
 llama-bench's probe (`runtime.bench.BandwidthProbe`) read by this script before and after each system's run: the
 same bytes per step (the weights but the embedding table, and the mean KV cache) for every system.
+
+Pages: llama-bench restarts itself onto transparent huge pages (runtime/hugepages.py), and so does this script,
+whose probe then reads the memory as llama-bench's does; the peers run as they come, without the tunable.
+`--page-variants` adds our static artifact on 4 KiB pages (`ours-ort-static-4k`) and genai on huge pages
+(`genai-huge`), to show which part of a difference the pages make.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runtime.bench import BandwidthProbe, bracketed_fractions  # noqa: E402
+from runtime.hugepages import SWITCH, TUNABLE, relaunch_with_huge_pages  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -101,7 +108,19 @@ def venv(root: Path, name: str) -> Path:
     return python
 
 
+def pages_env(huge: bool) -> dict[str, str]:
+    """This environment with glibc's huge-page tunable set (`huge`) or removed; llama-bench told not to ask."""
+    env = dict(os.environ)
+    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE] + ([TUNABLE] if huge else [])
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    if not huge:
+        env[SWITCH] = "0"
+    return env
+
+
 def main() -> None:
+    relaunch_with_huge_pages()  # this script's probe reads the memory the way llama-bench's does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(SHAPES), default="gqa-mid")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -110,7 +129,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", nargs="+", choices=list(PEER_VENV), default=list(PEER_VENV))
+    parser.add_argument("--ours", nargs="+", choices=list(OURS), default=list(OURS), help="our artifacts to run")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "peers")
+    parser.add_argument("--page-variants", action="store_true",
+                        help="also run our static artifact on 4 KiB pages (ours-ort-static-4k) and genai on "
+                             "transparent huge pages (genai-huge): which part of a difference the pages make")
     args = parser.parse_args()
     work = args.work / args.model
     ckpt = checkpoint(work, args.model)
@@ -138,20 +161,26 @@ def main() -> None:
         if "bandwidth_fraction" in report:  # llama-bench's own figure, with its own probe
             report["llama_bench_bandwidth_fraction"] = report.pop("bandwidth_fraction")
         if "decode_median_step_ms" in report:  # the run's bandwidth against the readings either side of it
-            per_step = report.get("bytes_per_step") or runs[(next(iter(OURS)), batch)][-1]["bytes_per_step"]
+            per_step = report.get("bytes_per_step") or runs[(args.ours[0], batch)][-1]["bytes_per_step"]
             report["bandwidth_fraction"] = round(
                 bracketed_fractions([per_step / report["decode_median_step_ms"] * 1e3], [before, reading])[1][0], 3)
         runs.setdefault((system, batch), []).append(report)
 
     for round_ in range(args.runs):  # round robin: every system once per round, so drift hits all alike
         for batch in args.batch:
-            for name in OURS:
+            for name in args.ours:  # llama-bench asks for huge pages itself
                 measured(name, batch, [sys.executable, "-m", "runtime.bench", work / name, "--batch", batch, *common,
                                        "--json"], cwd=ROOT)
-            for peer in args.peers:
+                if args.page_variants and name == "ours-ort-static":
+                    measured(f"{name}-4k", batch, [sys.executable, "-m", "runtime.bench", work / name, "--batch",
+                                                   batch, *common, "--json"], cwd=ROOT, env=pages_env(False))
+            for peer in args.peers:  # as they come: no tunable of ours
                 model_dir = genai_dir if peer == "genai" else ckpt
-                measured(peer, batch, [pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer, model_dir,
-                                       "--work", work, "--vocab", 32000, "--batch", batch, *common])
+                cmd = [pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer, model_dir, "--work", work,
+                       "--vocab", 32000, "--batch", batch, *common]
+                measured(peer, batch, cmd, env=pages_env(False))
+                if args.page_variants and peer == "genai":
+                    measured(f"{peer}-huge", batch, cmd, env=pages_env(True))
     probe.close()
     rows = []
     for (system, batch), reports in runs.items():
