@@ -1,11 +1,12 @@
 """Transparent huge pages for the memory a runtime command allocates, above all the weights ONNX Runtime prepacks.
 
 A decode step on a CPU streams every weight once. With 4 KiB pages, 1.6 GB of weights is 400 000 pages, each a
-TLB miss and a page walk (two-level under a hypervisor); with 2 MiB pages it is 800. Most Linux systems give huge pages only to memory that asks for them (`madvise` in
-/sys/kernel/mm/transparent_hugepage/enabled), and ONNX Runtime's allocator does not ask. glibc (2.35 and newer)
-asks for it, on every allocation it maps, under the tunable `glibc.malloc.hugetlb=1`, which it reads only when a
-process starts. So `llama-generate`, `llama-chat` and `llama-bench` restart themselves once with it set, before
-loading anything (`relaunch_with_huge_pages`); `LLAMA_EXPORT_HUGEPAGES=0` keeps 4 KiB pages.
+TLB miss and a page walk (two-level under a hypervisor); with 2 MiB pages it is 800. Most Linux systems give huge
+pages only to memory that asks for them (`madvise` in /sys/kernel/mm/transparent_hugepage/enabled), and ONNX
+Runtime's allocator does not ask. glibc (2.35 and newer) asks, for every allocation it maps, under the tunable
+`glibc.malloc.hugetlb=1`, which it reads only when a process starts. So `llama-generate`, `llama-chat` and
+`llama-bench` restart themselves once with it set, before loading anything (`relaunch_with_huge_pages`);
+`LLAMA_EXPORT_HUGEPAGES=0` keeps 4 KiB pages.
 """
 
 from __future__ import annotations
