@@ -1,0 +1,100 @@
+"""Huge pages against 4 KiB pages, decode step by decode step, on one artifact.
+
+    .venv/bin/python examples/pages_ab.py out/peers/small/ours-ort-static --batch 1 --rounds 4
+
+Whole runs on this shared machine scatter by ±20%, far more than the few percent that page size makes, so this
+script does not compare whole runs. It starts two worker processes on the same artifact, one with glibc asking for
+transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) and one on 4 KiB pages, and has them take their
+prefills and decode steps strictly in turn (the order swapped every step), so that whatever the machine does
+falls on both alike. Each round is a prefill of `--batch` random 128-token prompts and `--steps` greedy decode
+steps. ONNX Runtime's threads are told not to spin while waiting (`session.intra_op.allow_spinning=0`), since a
+worker that has just finished would otherwise spin on the cores the other one is using. It prints the median step
+of each and the median of the per-step ratios (4 KiB ÷ huge: above 1, huge pages are faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtime.hugepages import SWITCH, TUNABLE  # noqa: E402
+
+WORKER = r"""
+import sys, time
+import numpy as np
+import onnxruntime as ort
+
+class QuietOptions(ort.SessionOptions):  # no spinning: the other worker runs while this one waits
+    def __init__(self):
+        super().__init__()
+        self.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+ort.SessionOptions = QuietOptions
+from runtime.artifact import Artifact
+from runtime.backends import open_backend
+from runtime.generate import decode_one_token, prefill
+
+artifact = Artifact.open(sys.argv[1])
+batch, vocab = int(sys.argv[2]), artifact.config["vocab_size"]
+backend = open_backend(artifact, "ort", 2)
+print("ready", flush=True)
+for line in sys.stdin:
+    command, seed = line.split()
+    start = time.perf_counter()
+    if command == "prefill":
+        rng = np.random.default_rng(int(seed))
+        logits, past, mask, pos = prefill(backend, [rng.integers(3, vocab, 128).tolist() for _ in range(batch)])
+    else:
+        logits, past, mask, pos = decode_one_token(backend, tokens, past, mask, pos)
+    tokens = logits.argmax(-1)
+    print(time.perf_counter() - start, flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=128)
+    args = parser.parse_args()
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", SWITCH)}
+    envs = {"huge": base | {"GLIBC_TUNABLES": TUNABLE}, "4k": base}
+    workers = {name: subprocess.Popen([sys.executable, "-c", WORKER, str(args.artifact), str(args.batch)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+               for name, env in envs.items()}
+    for name, worker in workers.items():
+        if worker.stdout.readline().strip() != "ready":
+            sys.exit(f"the {name} worker failed to load {args.artifact}")
+
+    def ask(name: str, command: str) -> float:
+        workers[name].stdin.write(command + "\n")
+        workers[name].stdin.flush()
+        return float(workers[name].stdout.readline())
+
+    steps: dict[str, list[float]] = {name: [] for name in workers}
+    prefills: dict[str, list[float]] = {name: [] for name in workers}
+    for round_ in range(args.rounds):
+        for i in range(args.steps + 1):
+            for name in list(workers)[::1 if (round_ + i) % 2 else -1]:
+                (steps if i else prefills)[name].append(ask(name, f"{'step' if i else 'prefill'} {round_}"))
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    ratios = [small / huge for huge, small in zip(steps["huge"], steps["4k"])]
+    print(json.dumps({"artifact": str(args.artifact), "batch": args.batch, "rounds": args.rounds,
+                      "median_step_ms": {k: round(statistics.median(v) * 1e3, 3) for k, v in steps.items()},
+                      "median_step_ratio_4k_over_huge": round(statistics.median(ratios), 4),
+                      "median_prefill_ms": {k: round(statistics.median(v) * 1e3, 1) for k, v in prefills.items()}}))
+
+
+if __name__ == "__main__":
+    main()
