@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.hugepages import SWITCH, TUNABLE  # noqa: E402
+from runtime.hugepages import pages_environ  # noqa: E402
 
 WORKER = r"""
 import sys, time
@@ -66,8 +65,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=128)
     args = parser.parse_args()
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", SWITCH)}
-    envs = {"huge": base | {"GLIBC_TUNABLES": TUNABLE}, "4k": base}
+    envs = {"huge": pages_environ(True), "4k": pages_environ(False)}
     workers = {name: subprocess.Popen([sys.executable, "-c", WORKER, str(args.artifact), str(args.batch)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
                for name, env in envs.items()}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runtime.bench import BandwidthProbe, bracketed_fractions  # noqa: E402
-from runtime.hugepages import SWITCH, TUNABLE, relaunch_with_huge_pages  # noqa: E402
+from runtime.hugepages import pages_environ, relaunch_with_huge_pages  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -108,17 +107,6 @@ def venv(root: Path, name: str) -> Path:
     return python
 
 
-def pages_env(huge: bool) -> dict[str, str]:
-    """This environment with glibc's huge-page tunable set (`huge`) or removed; llama-bench told not to ask."""
-    env = dict(os.environ)
-    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE] + ([TUNABLE] if huge else [])
-    if tunables:
-        env["GLIBC_TUNABLES"] = ":".join(tunables)
-    if not huge:
-        env[SWITCH] = "0"
-    return env
-
-
 def main() -> None:
     relaunch_with_huge_pages()  # this script's probe reads the memory the way llama-bench's does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,14 +161,14 @@ def main() -> None:
                                        "--json"], cwd=ROOT)
                 if args.page_variants and name == "ours-ort-static":
                     measured(f"{name}-4k", batch, [sys.executable, "-m", "runtime.bench", work / name, "--batch",
-                                                   batch, *common, "--json"], cwd=ROOT, env=pages_env(False))
+                                                   batch, *common, "--json"], cwd=ROOT, env=pages_environ(False))
             for peer in args.peers:  # as they come: no tunable of ours
                 model_dir = genai_dir if peer == "genai" else ckpt
                 cmd = [pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer, model_dir, "--work", work,
                        "--vocab", 32000, "--batch", batch, *common]
-                measured(peer, batch, cmd, env=pages_env(False))
+                measured(peer, batch, cmd, env=pages_environ(False))
                 if args.page_variants and peer == "genai":
-                    measured(f"{peer}-huge", batch, cmd, env=pages_env(True))
+                    measured(f"{peer}-huge", batch, cmd, env=pages_environ(True))
     probe.close()
     rows = []
     for (system, batch), reports in runs.items():

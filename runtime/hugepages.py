@@ -82,6 +82,19 @@ def relaunch_with_huge_pages() -> None:
             os.environ["GLIBC_TUNABLES"] = tunables
 
 
+def pages_environ(huge: bool) -> dict[str, str]:
+    """A copy of this environment for a child process on huge pages (the tunable set) or on 4 KiB pages (the tunable
+    removed, and the runtime's commands told not to restart for it), the caller's other glibc tunables kept."""
+    env = dict(os.environ)
+    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE] + ([TUNABLE] if huge else [])
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    env.pop(SWITCH, None)
+    if not huge:
+        env[SWITCH] = "0"
+    return env
+
+
 def anon_huge_pages_bytes() -> int | None:
     """Bytes of this process's anonymous memory on transparent huge pages now (Linux), else None."""
     try:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from runtime.hugepages import SWITCH, TUNABLE, huge_pages_state
+from runtime.hugepages import SWITCH, TUNABLE, huge_pages_state, pages_environ
 
 # relaunch, then map 64 MiB through malloc (a bytearray: Python's own allocator, not numpy's madvise) and touch it
 CHILD = """
@@ -39,7 +39,7 @@ def test_relaunch_puts_malloc_on_huge_pages():
     on = child()
     assert on["argv"] == ["--prompt", "two words"] and on["tunables"] == TUNABLE and on["on"]
     assert on["huge_mb"] >= 32  # most of the 64 MiB block
-    off = child(**{SWITCH: "0"})
+    off = child(**pages_environ(False))
     assert off["tunables"] is None and not off["on"] and off["huge_mb"] < 32
 
 
@@ -49,3 +49,11 @@ def test_relaunch_keeps_other_tunables():
     assert out["tunables"] == f"glibc.malloc.arena_max=2:{TUNABLE}" and out["on"]
     again = child(GLIBC_TUNABLES=TUNABLE)  # already asked: no second restart, nothing appended
     assert again["tunables"] == TUNABLE
+
+
+def test_pages_environ_keeps_other_tunables(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.arena_max=2:{TUNABLE}")
+    monkeypatch.delenv(SWITCH, raising=False)
+    huge, small = pages_environ(True), pages_environ(False)
+    assert huge["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}" and SWITCH not in huge
+    assert small["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2" and small[SWITCH] == "0"
