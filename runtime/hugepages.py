@@ -6,7 +6,8 @@ pages only to memory that asks for them (`madvise` in /sys/kernel/mm/transparent
 Runtime's allocator does not ask. glibc (2.35 and newer) asks, for every allocation it maps, under the tunable
 `glibc.malloc.hugetlb=1`, which it reads only when a process starts. So `llama-generate`, `llama-chat` and
 `llama-bench` restart themselves once with it set, before loading anything (`relaunch_with_huge_pages`);
-`LLAMA_EXPORT_HUGEPAGES=0` keeps 4 KiB pages.
+`LLAMA_EXPORT_HUGEPAGES=0` keeps 4 KiB pages, and a glibc.malloc.hugetlb that GLIBC_TUNABLES already sets is left
+as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+NAME = "glibc.malloc.hugetlb"
+TUNABLE = f"{NAME}=1"
 SWITCH = "LLAMA_EXPORT_HUGEPAGES"  # "0": no restart, 4 KiB pages
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -39,6 +41,12 @@ def _glibc_version() -> tuple[int, ...] | None:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
+def _hugetlb_tunable(tunables: str) -> str | None:
+    """The value `GLIBC_TUNABLES` gives glibc.malloc.hugetlb, if any."""
+    values = [t.partition("=")[2] for t in tunables.split(":") if t.partition("=")[0] == NAME]
+    return values[-1] if values else None
+
+
 class HugePages(NamedTuple):
     on: bool  # this process's large allocations get transparent huge pages
     reason: str  # why (or why not), in words
@@ -47,11 +55,14 @@ class HugePages(NamedTuple):
 
 def huge_pages_state() -> HugePages:
     """Whether this process allocates on transparent huge pages, and why."""
-    if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-        return HugePages(True, f"GLIBC_TUNABLES={TUNABLE}", False)
+    asked = _hugetlb_tunable(os.environ.get("GLIBC_TUNABLES", ""))
+    if asked not in (None, "0"):
+        return HugePages(True, f"GLIBC_TUNABLES sets {NAME}={asked}", False)
     mode = _thp_mode()
     if mode == "always":
         return HugePages(True, "the kernel gives every large allocation huge pages (mode always)", False)
+    if asked == "0":  # the caller's own "no" stands
+        return HugePages(False, f"GLIBC_TUNABLES sets {NAME}=0", False)
     if mode != "madvise":
         return HugePages(False, f"transparent huge pages are {mode or 'not available'} in this kernel", False)
     glibc = _glibc_version()
@@ -86,7 +97,8 @@ def pages_environ(huge: bool) -> dict[str, str]:
     """A copy of this environment for a child process on huge pages (the tunable set) or on 4 KiB pages (the tunable
     removed, and the runtime's commands told not to restart for it), the caller's other glibc tunables kept."""
     env = dict(os.environ)
-    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE] + ([TUNABLE] if huge else [])
+    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t.partition("=")[0] != NAME]
+    tunables += [TUNABLE] if huge else []
     if tunables:
         env["GLIBC_TUNABLES"] = ":".join(tunables)
     env.pop(SWITCH, None)

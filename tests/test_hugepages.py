@@ -49,10 +49,12 @@ def test_relaunch_keeps_other_tunables():
     assert out["tunables"] == f"glibc.malloc.arena_max=2:{TUNABLE}" and out["on"]
     again = child(GLIBC_TUNABLES=TUNABLE)  # already asked: no second restart, nothing appended
     assert again["tunables"] == TUNABLE
+    refused = child(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")  # the caller's own "no" stands
+    assert refused["tunables"] == "glibc.malloc.hugetlb=0" and not refused["on"] and refused["huge_mb"] < 32
 
 
 def test_pages_environ_keeps_other_tunables(monkeypatch):
-    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.arena_max=2:{TUNABLE}")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0")
     monkeypatch.delenv(SWITCH, raising=False)
     huge, small = pages_environ(True), pages_environ(False)
     assert huge["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}" and SWITCH not in huge
