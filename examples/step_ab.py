@@ -1,15 +1,16 @@
-"""Huge pages against 4 KiB pages, decode step by decode step, on one artifact.
+"""Two runtime set-ups, decode step by decode step: artifacts, or one artifact on two page sizes.
 
-    .venv/bin/python examples/pages_ab.py out/peers/small/ours-ort-static --batch 1 --rounds 4
+    .venv/bin/python examples/step_ab.py out/peers/small/ours-ort-static@4k out/peers/small/ours-ort-static
+    .venv/bin/python examples/step_ab.py out/old-small out/new-small --batch 4 --rounds 4
 
-Whole runs on this shared machine scatter by ±20%, far more than the few percent that page size makes, so this
-script does not compare whole runs. It starts two worker processes on the same artifact, one with glibc asking for
-transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) and one on 4 KiB pages, and has them take their
-prefills and decode steps strictly in turn (the order swapped every step), so that whatever the machine does
-falls on both alike. Each round is a prefill of `--batch` random 128-token prompts and `--steps` greedy decode
+Whole runs on this shared machine scatter by ±20%, far more than the few percent a graph change or the page size
+makes, so this script does not compare whole runs. It starts one worker process per side (`DIR`, or `DIR@4k` /
+`DIR@huge` for the page size: huge pages, as `llama-generate` uses, unless `@4k`) and has them take their prefills
+and decode steps strictly in turn (the order swapped every step), so that whatever the machine does falls on both
+alike. Each round is a prefill of `--batch` random 128-token prompts (the same for both) and `--steps` greedy decode
 steps. ONNX Runtime's threads are told not to spin while waiting (`session.intra_op.allow_spinning=0`), since a
-worker that has just finished would otherwise spin on the cores the other one is using. It prints the median step
-of each and the median of the per-step ratios (4 KiB ÷ huge: above 1, huge pages are faster).
+worker that has just finished would otherwise spin on the cores the other one is using. It prints each side's median
+step and prefill, and the median of the per-step ratios B ÷ A (above 1, A is faster).
 """
 
 from __future__ import annotations
@@ -58,20 +59,31 @@ for line in sys.stdin:
 """
 
 
+def side(spec: str) -> tuple[Path, bool]:
+    """`DIR`, `DIR@huge` or `DIR@4k` → (artifact directory, huge pages)."""
+    path, _, pages = spec.rpartition("@") if spec.endswith(("@4k", "@huge")) else (spec, "", "huge")
+    return Path(path), pages == "huge"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path)
+    parser.add_argument("a", help="artifact directory, optionally @4k or @huge")
+    parser.add_argument("b", help="the other side, the same way")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=128)
     args = parser.parse_args()
-    envs = {"huge": pages_environ(True), "4k": pages_environ(False)}
-    workers = {name: subprocess.Popen([sys.executable, "-c", WORKER, str(args.artifact), str(args.batch)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-               for name, env in envs.items()}
+    if args.a == args.b:
+        sys.exit("A and B are the same set-up; give two artifacts, or one with @4k on one side")
+    workers = {}
+    for name, spec in (("A", args.a), ("B", args.b)):
+        directory, huge = side(spec)
+        workers[name] = subprocess.Popen([sys.executable, "-c", WORKER, str(directory), str(args.batch)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         env=pages_environ(huge), cwd=ROOT)
     for name, worker in workers.items():
         if worker.stdout.readline().strip() != "ready":
-            sys.exit(f"the {name} worker failed to load {args.artifact}")
+            sys.exit(f"side {name} ({getattr(args, name.lower())}) failed to load")
 
     def ask(name: str, command: str) -> float:
         workers[name].stdin.write(command + "\n")
@@ -87,10 +99,10 @@ def main() -> None:
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
-    ratios = [small / huge for huge, small in zip(steps["huge"], steps["4k"])]
-    print(json.dumps({"artifact": str(args.artifact), "batch": args.batch, "rounds": args.rounds,
+    ratios = [b / a for a, b in zip(steps["A"], steps["B"])]
+    print(json.dumps({"A": args.a, "B": args.b, "batch": args.batch, "rounds": args.rounds,
                       "median_step_ms": {k: round(statistics.median(v) * 1e3, 3) for k, v in steps.items()},
-                      "median_step_ratio_4k_over_huge": round(statistics.median(ratios), 4),
+                      "median_step_ratio_b_over_a": round(statistics.median(ratios), 4),
                       "median_prefill_ms": {k: round(statistics.median(v) * 1e3, 1) for k, v in prefills.items()}}))
 
 
