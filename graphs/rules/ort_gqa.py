@@ -17,8 +17,9 @@ and its rope stays outside the kernel: GroupQueryAttention rotates by cache slot
 on), and a left-padded row's slot is its position plus its padding, so the present keys would not be the
 model's. The static cache shares one buffer as past and present: the step writes at `write_indices`,
 `query_seqlens` says every row brings the whole step, and `total_sequence_length` is the buffer's slot count,
-only an upper bound, so the bias spans every slot; ONNX Runtime then updates the buffer in place when the same
-OrtValue is bound as both. That cache is the runtime's own, so where its projections are packed (one qkv
+only an upper bound, so the bias spans every slot; it says only which slots are real (`_slot_bias`: the
+kernel masks causally by slot itself, so the static mask's causal part is dropped). ONNX Runtime updates
+the buffer in place when the same OrtValue is bound as both. That cache is the runtime's own, so where its projections are packed (one qkv
 MatMul and a Split) and head_dim is a multiple of 16 (as the kernel's rope requires), the kernel reads
 the packed `[batch, seq, (H + 2·KV)·head_dim]` and rotates q and k itself (`do_rotary`), by slot: a row's
 slots and positions differ by the same padding for every token, and rope's attention scores depend only on
@@ -85,19 +86,24 @@ def _graph_input(value: ir.Value | None) -> bool:
     return value is not None and value.is_graph_input()
 
 
-def _lengths(b: NodeBuilder, inputs: dict[str, ir.Value], slots: int | None) -> list[ir.Value]:
-    """[seqlens_k, total_sequence_length, query_seqlens] (int32): every row brings the whole step (left padding
-    included), so `query_seqlens` is the step's length; it also lets a batch add several tokens to a cache."""
+def _lengths(b: NodeBuilder, inputs: dict[str, ir.Value], slots: int | None) -> dict[str, ir.Value]:
+    """seqlens_k, total_sequence_length, query_seqlens (int32), and the step's `batch` and `step` dims (int64
+    [1]): every row brings the whole step (left padding included), so `query_seqlens` is the step's length; it
+    also lets a batch add several tokens to a cache."""
     zero, one = b.const("axis0", np.array([0], np.int64)), b.const("one", np.array(1, np.int64))
     batch = b("Shape", [inputs["input_ids"]], INT64, [1], start=0, end=1)
-    step = b("Squeeze", [b("Shape", [inputs["input_ids"]], INT64, [1], start=1, end=2), zero], INT64, [])
+    step_dim = b("Shape", [inputs["input_ids"]], INT64, [1], start=1, end=2)
+    step = b("Squeeze", [step_dim, zero], INT64, [])
     query = b("Cast", [b("Expand", [step, batch], INT64, ["batch"])], INT32, ["batch"], to=INT32)
+    dims = {"query_seqlens": query, "batch": batch, "step": step_dim}
     if slots is None:  # every row holds past + step tokens
         total = b("Squeeze", [b("Shape", [inputs["attention_mask"]], INT64, [1], start=1, end=2), zero], INT64, [])
         last = b("Expand", [b("Sub", [total, one], INT64, []), batch], INT64, ["batch"])
-        return [b("Cast", [last], INT32, ["batch"], to=INT32), b("Cast", [total], INT32, [], to=INT32), query]
+        return dims | {"seqlens_k": b("Cast", [last], INT32, ["batch"], to=INT32),
+                       "total_sequence_length": b("Cast", [total], INT32, [], to=INT32)}
     last = b("Sub", [b("Add", [inputs["write_indices"], step], INT64, ["batch"]), one], INT64, ["batch"])
-    return [b("Cast", [last], INT32, ["batch"], to=INT32), b.const("slots", np.array(slots, np.int32)), query]
+    return dims | {"seqlens_k": b("Cast", [last], INT32, ["batch"], to=INT32),
+                   "total_sequence_length": b.const("slots", np.array(slots, np.int32))}
 
 
 def _bias(b: NodeBuilder, mask: ir.Value, dtype: ir.DataType) -> ir.Value:
@@ -106,6 +112,22 @@ def _bias(b: NodeBuilder, mask: ir.Value, dtype: ir.DataType) -> ir.Value:
     zero = b.const(f"bias_zero_{dtype.name}", np.array(0, np_dtype))
     lowest = b.const(f"bias_lowest_{dtype.name}", np.array(ml_dtypes.finfo(np_dtype).min, np_dtype))
     return b("Where", [mask, zero, lowest], dtype, list(mask.shape))
+
+
+def _slot_bias(b: NodeBuilder, attention_mask: ir.Value, lengths: dict[str, ir.Value], slots: int,
+               dtype: ir.DataType) -> ir.Value:
+    """The static cache's bias, `[batch, 1, step, slots]`, from the `[batch, slots]` mask alone: 0 on real slots,
+    the dtype's lowest on padding and empty ones. GroupQueryAttention masks causally by slot itself (the query at
+    slot write_indices + i sees slots up to its own), so the bias needs to say only which slots are real; the
+    static mask's causal part (a dozen small nodes every step) is left to the kernel. A padding query then sees
+    only padding: its scores are all about the lowest, a uniform softmax, finite, and its output is never used."""
+    real = b("Cast", [attention_mask], ir.DataType.BOOL, ["batch", slots], to=ir.DataType.BOOL)
+    real = b("Unsqueeze", [real, b.const("axes12", np.array([1, 2], np.int64))], ir.DataType.BOOL,
+             ["batch", 1, 1, slots])
+    bias = _bias(b, real, dtype)
+    shape = b("Concat", [lengths["batch"], b.const("one_dim", np.array([1], np.int64)), lengths["step"],
+                         b.const("slots_dim", np.array([slots], np.int64))], INT64, [4], axis=0)
+    return b("Expand", [bias, shape], dtype, ["batch", 1, "sequence_length", slots])
 
 
 def _match(attention: ir.Node) -> dict:
@@ -182,13 +204,16 @@ def apply(model: ir.Model) -> int:
     for attention, m in matches:
         q2, k2, v2 = m["projections"]
         dtype = q2.dtype
-        if (m["mask"].name, dtype) not in biases:
-            biases[(m["mask"].name, dtype)] = _bias(b, m["mask"], dtype)
-        bias = biases[(m["mask"].name, dtype)]
+        key = ("slots" if slots is not None else m["mask"].name, dtype)
+        if key not in biases:
+            biases[key] = _slot_bias(b, inputs["attention_mask"], lengths, slots, dtype) if slots is not None \
+                else _bias(b, m["mask"], dtype)
+        bias = biases[key]
         attributes = {"num_heads": m["heads"], "kv_num_heads": m["kv_heads"], "scale": m["scale"], "do_rotary": 0}
         if slots is not None and m["packed"] is not None and m["head_dim"] % 16 == 0:  # rotated in the kernel, by slot
             cos_cache, sin_cache = m["ropes"][0].inputs[2:4]
-            feed = [m["packed"], None, None, *m["pasts"], lengths[0], lengths[1], cos_cache, sin_cache, None, bias]
+            feed = [m["packed"], None, None, *m["pasts"], lengths["seqlens_k"], lengths["total_sequence_length"],
+                    cos_cache, sin_cache, None, bias]
             attributes.update(do_rotary=1, rotary_interleaved=0)
         else:
             rotated = []
@@ -198,8 +223,9 @@ def apply(model: ir.Model) -> int:
                 node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
                 graph.insert_before(attention, node)
                 rotated.append(node.outputs[0])
-            feed = [*rotated, v2, *m["pasts"], lengths[0], lengths[1], None, None, None, bias]
-        feed += [None] * 5 + [lengths[2]]  # head_sink, k_scale, v_scale, q/k_norm_weight; query_seqlens
+            feed = [*rotated, v2, *m["pasts"], lengths["seqlens_k"], lengths["total_sequence_length"], None, None,
+                    None, bias]
+        feed += [None] * 5 + [lengths["query_seqlens"]]  # head_sink, k_scale, v_scale, q/k_norm_weight; query_seqlens
         fused = ir.node("GroupQueryAttention", feed, attributes=attributes, domain=MS, num_outputs=3,
                         name=f"{attention.name}/GroupQueryAttention")
         out, present_key, present_value = fused.outputs
