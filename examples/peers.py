@@ -7,7 +7,7 @@ It writes a random-weight Hugging Face checkpoint of Llama-2 shapes (`small`, `g
 with llama-export (fp32: `--target ort`, and `--target ort --kv-cache static`), builds genai's model with
 its own builder, and runs llama-bench's workload (batch B, 128 prompt tokens, 128 decode steps, greedy, one
 timed run after a warm-up) on each system in turn, round robin for `--runs` rounds (default 3) in this one
-run, so that the shared machine's drift falls on every system alike; the table gives medians. The peers live in
+run, the order reversed every other round, so that the shared machine's drift falls on every system alike; the table gives medians. The peers live in
 virtual environments of their own under WORK/venvs (genai 0.18's builder needs transformers 5,
 optimum-onnx needs transformers < 4.58); they are created on first use. The table gives decode tokens/s,
 prefill latency, and the ratios of llama-export's best artifact to each system: decode tokens/s (above 1:
@@ -156,19 +156,21 @@ def main() -> None:
 
     for round_ in range(args.runs):  # round robin: every system once per round, so drift hits all alike
         for batch in args.batch:
+            turns = []  # (system, command, extra arguments for run)
             for name in args.ours:  # llama-bench asks for huge pages itself
-                measured(name, batch, [sys.executable, "-m", "runtime.bench", work / name, "--batch", batch, *common,
-                                       "--json"], cwd=ROOT)
+                bench = [sys.executable, "-m", "runtime.bench", work / name, "--batch", batch, *common, "--json"]
+                turns.append((name, bench, {"cwd": ROOT}))
                 if args.page_variants and name == "ours-ort-static":
-                    measured(f"{name}-4k", batch, [sys.executable, "-m", "runtime.bench", work / name, "--batch",
-                                                   batch, *common, "--json"], cwd=ROOT, env=pages_environ(False))
+                    turns.append((f"{name}-4k", bench, {"cwd": ROOT, "env": pages_environ(False)}))
             for peer in args.peers:  # as they come: no tunable of ours
                 model_dir = genai_dir if peer == "genai" else ckpt
                 cmd = [pythons[PEER_VENV[peer]], ROOT / "examples" / "peer_bench.py", peer, model_dir, "--work", work,
                        "--vocab", 32000, "--batch", batch, *common]
-                measured(peer, batch, cmd, env=pages_environ(False))
+                turns.append((peer, cmd, {"env": pages_environ(False)}))
                 if args.page_variants and peer == "genai":
-                    measured(f"{peer}-huge", batch, cmd, env=pages_environ(True))
+                    turns.append((f"{peer}-huge", cmd, {"env": pages_environ(True)}))
+            for system, cmd, kwargs in turns if round_ % 2 == 0 else turns[::-1]:  # no system always goes first
+                measured(system, batch, cmd, **kwargs)
     probe.close()
     rows = []
     for (system, batch), reports in runs.items():
