@@ -12,19 +12,19 @@ and become one kernel that reads `[batch, seq, heads·head_dim]` directly and wr
     out, K, V = GroupQueryAttention(q, k, v2, past_key, past_value, seqlens_k, total_sequence_length,
                                     attention_bias=Where(mask, 0, lowest))
 
-The portable cache keeps its contract (past grows into present: `seqlens_k = total − 1` for every row),
-and its rope stays outside the kernel: GroupQueryAttention rotates by cache slot (a first prompt from slot 0
-on), and a left-padded row's slot is its position plus its padding, so the present keys would not be the
-model's. The static cache shares one buffer as past and present: the step writes at `write_indices`,
-`query_seqlens` says every row brings the whole step, and `total_sequence_length` is the buffer's slot count,
-only an upper bound, so the bias spans every slot; it says only which slots are real (`_slot_bias`: the
-kernel masks causally by slot itself, so the static mask's causal part is dropped). ONNX Runtime updates
-the buffer in place when the same OrtValue is bound as both. That cache is the runtime's own, so where its projections are packed (one qkv
-MatMul and a Split) and head_dim is a multiple of 16 (as the kernel's rope requires), the kernel reads
-the packed `[batch, seq, (H + 2·KV)·head_dim]` and rotates q and k itself (`do_rotary`), by slot: a row's
-slots and positions differ by the same padding for every token, and rope's attention scores depend only on
-the difference of the query's and key's positions, so the scores, and so the output, are the model's; the
-cached keys are rotated by slot. This saves the Split and both RotaryEmbedding nodes of each layer.
+The portable cache keeps its contract (past grows into present: `seqlens_k = total − 1` for every row), and its
+rope stays outside the kernel: GroupQueryAttention rotates by cache slot (a first prompt from slot 0 on), and a
+left-padded row's slot is its position plus its padding, so the present keys would not be the model's. The static
+cache shares one buffer as past and present: the step writes at `write_indices`, `query_seqlens` says every row
+brings the whole step, and `total_sequence_length` is the buffer's slot count, only an upper bound, so the bias
+spans every slot; it says only which slots are real (`_slot_bias`: the kernel masks causally by slot itself, so
+the static mask's causal part is dropped). ONNX Runtime updates the buffer in place when the same OrtValue is
+bound as both. That cache is the runtime's own, so where its projections are packed (one qkv MatMul and a Split)
+and head_dim is a multiple of 16 (as the kernel's rope requires), the kernel reads the packed
+`[batch, seq, (H + 2·KV)·head_dim]` and rotates q and k itself (`do_rotary`), by slot: a row's slots and positions
+differ by the same padding for every token, and rope's attention scores depend only on the difference of the
+query's and key's positions, so the scores, and so the output, are the model's; the cached keys are rotated by
+slot. This saves the Split and both RotaryEmbedding nodes of each layer.
 """
 
 from __future__ import annotations
