@@ -122,11 +122,11 @@ def _slot_bias(b: NodeBuilder, attention_mask: ir.Value, lengths: dict[str, ir.V
     static mask's causal part (a dozen small nodes every step) is left to the kernel. A padding query then sees
     only padding: its scores are all about the lowest, a uniform softmax, finite, and its output is never used."""
     real = b("Cast", [attention_mask], ir.DataType.BOOL, ["batch", slots], to=ir.DataType.BOOL)
-    real = b("Unsqueeze", [real, b.const("axes12", np.array([1, 2], np.int64))], ir.DataType.BOOL,
+    real = b("Unsqueeze", [real, b.const(f"axes12_{dtype.name}", np.array([1, 2], np.int64))], ir.DataType.BOOL,
              ["batch", 1, 1, slots])
     bias = _bias(b, real, dtype)
-    shape = b("Concat", [lengths["batch"], b.const("one_dim", np.array([1], np.int64)), lengths["step"],
-                         b.const("slots_dim", np.array([slots], np.int64))], INT64, [4], axis=0)
+    shape = b("Concat", [lengths["batch"], b.const(f"one_dim_{dtype.name}", np.array([1], np.int64)), lengths["step"],
+                         b.const(f"slots_dim_{dtype.name}", np.array([slots], np.int64))], INT64, [4], axis=0)
     return b("Expand", [bias, shape], dtype, ["batch", 1, "sequence_length", slots])
 
 
