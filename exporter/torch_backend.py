@@ -2,7 +2,7 @@
 
 It reads only the artifact directory — `config.json` and the graph's initializers (memory-mapped by
 onnx-ir) — and maps them back to the reference model's parameters: `<name>.T` weights are transposed
-back, packed `qkv_proj` / `gateup_proj` weights split. It lives beside the reference model, and the
+back, `<name>.T.conv` ones (the ort target's 1×1 Convs) reshaped, packed `qkv_proj` / `gateup_proj` weights split. It lives beside the reference model, and the
 runtime finds it through the `llama_export.backends` entry point, so `runtime` itself never imports
 `exporter` or torch. It runs float artifacts (fp32/fp16/bf16) of any flavour with its own growing
 cache: a parity reference for the other backends and an eager-PyTorch baseline for `llama-bench`.
@@ -49,10 +49,12 @@ def reference_weights(graph_path, config: LlamaConfig) -> dict[str, torch.Tensor
     weights: dict[str, torch.Tensor] = {}
     for value in graph.initializers.values():
         name = value.name.removeprefix("model.")
-        if not name.endswith((".weight", ".weight.T", ".bias")) or value.dtype not in FLOAT_TYPES:
+        if not name.endswith((".weight", ".weight.T", ".weight.T.conv", ".bias")) or value.dtype not in FLOAT_TYPES:
             continue
         tensor = _as_torch(value.const_value)
-        if name.endswith(".T"):
+        if name.endswith(".T.conv"):  # a 1×1 Conv's [out, in, 1, 1]: the parameter's own layout
+            name, tensor = name.removesuffix(".T.conv"), tensor.flatten(1)
+        elif name.endswith(".T"):
             name, tensor = name.removesuffix(".T"), tensor.t()
         for packed, parts in unpack.items():
             if f".{packed}." in name:

@@ -3,8 +3,8 @@
 Decode on a CPU is bound by reading every weight (and the KV cache) once per step, so the figure
 that says how good a runtime is, is bytes read per step ÷ step time, against the read bandwidth the machine
 gives at the same time, measured by this command with the same thread count (`BandwidthProbe`): ONNX
-Runtime's matrix-vector products over 256 MiB of constant weights (narrow and wide matrices) and a ReduceSum
-over the same bytes, each run 20 times back to back, in a child process built once (so that its buffers never
+Runtime's matrix-vector products over 256 MiB of constant weights (narrow and wide matrices, as MatMul and as
+1×1 Conv) and a ReduceSum over the same bytes, each run 20 times back to back, in a child process built once (so that its buffers never
 count in this process's peak RSS). The probe reads before the first timed run and after each one, and a run's
 reference is the mean of the readings on either side of it, so that the shared machine's drift falls on both.
 Both sides use the same statistic, robust to the other tenants' bursts: the decode's median step and the best
@@ -42,9 +42,11 @@ _PROBES: list = []  # the child process's probe sessions: (session, feed, bytes 
 def _build_probes(threads: int | None, megabytes: int = 256) -> None:
     """In the probe's child process: ONNX Runtime sessions that each read `megabytes`, far more than the caches
     hold, with `threads` threads:
-    - decode's own access pattern: a chain of matrix-vector products over constant (prepacked) 2048×4096 and
-      4096×2048 weights of distinct random values (so nothing can be shared or compressed);
+    - a chain of matrix-vector products over constant (prepacked) 2048×4096 and 4096×2048 weights of distinct
+      random values (so nothing can be shared or compressed);
     - the same chain over one 8192-row matrix (ONNX Runtime reads narrow matrices faster, wide ones slower);
+    - the first chain as 1×1 Convs on a one-pixel image, the ort target's access pattern (the NCHWc kernel,
+      weights reordered at load; see graphs/rules/pointwise_conv.py), which reads faster still;
     - a ReduceSum over the same bytes, fed as an input."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper, save
@@ -56,22 +58,24 @@ def _build_probes(threads: int | None, megabytes: int = 256) -> None:
     rng = np.random.default_rng(0)
     total = megabytes << 20
     with tempfile.TemporaryDirectory() as scratch:  # weights as external data: a model proto holds < 2 GB
-        for rows, cols in ((2048, 4096), (8192, total // (4 * 8192))):
+        for op, rows, cols in (("MatMul", 2048, 4096), ("MatMul", 8192, total // (4 * 8192)), ("Conv", 2048, 4096)):
             count = max(1, total // (4 * rows * cols))
             shapes = [(rows, cols) if i % 2 == 0 else (cols, rows) for i in range(count)]
-            weights = [numpy_helper.from_array(rng.standard_normal(shape, dtype=np.float32), f"w{i}")
+            # a 1×1 Conv's weight is [out, in, 1, 1] and its one row a [1, in, 1, 1] image
+            weights = [numpy_helper.from_array(rng.standard_normal(shape if op == "MatMul" else shape[::-1] + (1, 1),
+                                                                   dtype=np.float32), f"w{i}")
                        for i, shape in enumerate(shapes)]
-            nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"y{i - 1}", f"w{i}"], [f"y{i}"])
-                     for i in range(count)]
-            graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-                                      [helper.make_tensor_value_info(f"y{count - 1}", TensorProto.FLOAT,
-                                                                     [1, shapes[-1][1]])], weights)
-            path = f"{scratch}/gemv{rows}.onnx"
+            nodes = [helper.make_node(op, ["x" if i == 0 else f"y{i - 1}", f"w{i}"], [f"y{i}"]) for i in range(count)]
+            row = [1, rows] if op == "MatMul" else [1, rows, 1, 1]
+            out = [1, shapes[-1][1]] if op == "MatMul" else [1, shapes[-1][1], 1, 1]
+            graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, row)],
+                                      [helper.make_tensor_value_info(f"y{count - 1}", TensorProto.FLOAT, out)], weights)
+            path = f"{scratch}/{op}{rows}.onnx"
             save(helper.make_model(graph, opset_imports=opset), path, save_as_external_data=True,
-                 location=f"gemv{rows}.data")
+                 location=f"{op}{rows}.data")
             del weights, graph
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            _PROBES.append((session, {"x": np.full((1, rows), 0.5, np.float32)}, 4 * rows * cols * count))
+            _PROBES.append((session, {"x": np.full(row, 0.5, np.float32)}, 4 * rows * cols * count))
     k = 8192
     n = total // (4 * k)
     reduce_graph = helper.make_graph([helper.make_node("ReduceSum", ["w"], ["y"], keepdims=0)], "reduce",

@@ -36,7 +36,12 @@ def test_fused_graph_matches_reference(tmp_path, name, target):
     if target == "ort":  # residual Adds fused into the norms; rope reads constant caches by position; one
         # GroupQueryAttention per layer reads [batch, seq, hidden] and updates the cache itself
         assert counts["SkipSimplifiedLayerNormalization"] == 2 * layers and "Cos" not in counts
-        assert counts["GroupQueryAttention"] == layers and not {"Attention", "Concat", "Transpose"} & set(counts)
+        assert counts["GroupQueryAttention"] == layers and "Attention" not in counts
+        # every float32 weight is a 1×1 Conv (qkv, o, gate/up, down per layer; lm_head), whose only Transposes
+        # and Concats are its own: the attention's are gone
+        convs = counts["Conv"]
+        assert convs == 4 * layers + 1 and "MatMul" not in counts
+        assert counts["Transpose"] == 2 * convs and counts["Concat"] == convs
     else:
         assert counts["Attention"] == layers
     assert counts["Split"] == 2 * layers  # packed qkv and gate/up

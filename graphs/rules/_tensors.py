@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 
 class RowBlockTensor(ir.LazyTensor):
-    """A lazily computed 2-D tensor that `ir.save` writes a block of rows at a time."""
+    """A lazily computed tensor that `ir.save` writes a block of rows (along its first axis) at a time."""
 
     def __init__(self, blocks: Callable[[], Iterator[np.ndarray]], dtype: ir.DataType, shape: ir.Shape):
         super().__init__(lambda: ir.tensor(np.concatenate(list(blocks()), axis=0)), dtype=dtype, shape=shape)
@@ -18,6 +18,28 @@ class RowBlockTensor(ir.LazyTensor):
     def tofile(self, file) -> None:
         for block in self.blocks():
             file.write(np.ascontiguousarray(block).tobytes())
+
+
+class ColumnConcat(RowBlockTensor):
+    """The column-wise concatenation of 2-D `parts` (a packed weight), written a block of rows at a time; the
+    parts stay reachable, so that a later pass can read the concatenation another way (by columns)."""
+
+    def __init__(self, parts: list[ir.TensorProtocol], block_bytes: int = 32 << 20):
+        rows, cols = parts[0].shape[0], sum(t.shape[1] for t in parts)
+        step = max(1, int(block_bytes // (cols * parts[0].dtype.itemsize)))
+
+        def blocks() -> Iterator[np.ndarray]:
+            for start in range(0, rows, step):
+                yield np.concatenate([t.numpy()[start:start + step] for t in parts], axis=1)
+                for t in parts:  # unmap the sources: mapped pages would otherwise stay resident
+                    release(t)
+        super().__init__(blocks, parts[0].dtype, ir.Shape([rows, cols]))
+        self.parts = parts
+
+
+def column_parts(t: ir.TensorProtocol) -> list[ir.TensorProtocol]:
+    """A 2-D tensor as the column blocks it is the concatenation of (itself, unless it is a `ColumnConcat`)."""
+    return list(t.parts) if isinstance(t, ColumnConcat) else [t]
 
 
 def release(t: ir.TensorProtocol) -> None:

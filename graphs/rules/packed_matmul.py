@@ -3,19 +3,18 @@ on the weights concatenated along their output axis, followed by a Split.
 
 In a Llama layer this packs q/k/v (one `qkv_proj` GEMM/GEMV instead of three) and gate/up (one
 `gateup_proj`; SiLU(gate)·up then reads the two halves of the Split). The packed weight is an
-`ir.LazyTensor` that the save writes a block of rows at a time (a 70B gate/up pair is 940 MB in fp16:
-it is never held whole, and the sources are unmapped after every block).
+`ir.LazyTensor` (`ColumnConcat`) that the save writes a block of rows at a time (a 70B gate/up pair is 940 MB
+in fp16: it is never held whole, and the sources are unmapped after every block).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
 
-from ._tensors import RowBlockTensor, add_initializer, constant_matmuls, release
+from ._tensors import ColumnConcat, add_initializer, constant_matmuls
 
 
 def _packed_name(names: list[str]) -> str:
@@ -23,16 +22,6 @@ def _packed_name(names: list[str]) -> str:
     suffix = os.path.commonprefix([n[len(prefix):][::-1] for n in names])[::-1]
     middle = "".join(n[len(prefix):len(n) - len(suffix)] for n in names)
     return f"{prefix}{middle}{suffix}"
-
-
-def _concat_rows(tensors: list[ir.TensorProtocol], block_bytes: int = 32 << 20) -> Iterator[np.ndarray]:
-    """Row blocks of the column-wise concatenation of `tensors`."""
-    rows, cols = tensors[0].shape[0], sum(t.shape[1] for t in tensors)
-    step = max(1, int(block_bytes // (cols * tensors[0].dtype.itemsize)))
-    for start in range(0, rows, step):
-        yield np.concatenate([t.numpy()[start:start + step] for t in tensors], axis=1)
-        for t in tensors:  # unmap the sources: mapped pages would otherwise stay resident
-            release(t)
 
 
 def apply(model: ir.Model) -> int:
@@ -46,9 +35,7 @@ def apply(model: ir.Model) -> int:
                                  for w in weights):
             continue
         sizes = [w.shape[1] for w in weights]
-        tensors = [w.const_value for w in weights]
-        lazy = RowBlockTensor(lambda tensors=tensors: _concat_rows(tensors), first.dtype,
-                              ir.Shape([weights[0].shape[0], sum(sizes)]))
+        lazy = ColumnConcat([w.const_value for w in weights])
         weight = add_initializer(graph, _packed_name([w.name for w in weights]), lazy)
         split_sizes = add_initializer(graph, f"{weight.name}.split", ir.tensor(np.array(sizes, dtype=np.int64)))
         matmul = ir.node("MatMul", [group[0].inputs[0], weight], name=f"{weight.name}/MatMul")

@@ -1,0 +1,71 @@
+"""float32 MatMuls as 1×1 Convs: ORT before and after (plain, and with ORT's NCHWc rewrite), the Conv weight's
+block-wise transpose, and the weights the pass leaves alone."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphs import pipeline
+from graphs.rules import packed_matmul, pointwise_conv, weight_int8
+from graphs.rules._tensors import ColumnConcat
+from graph_helpers import GQA, assert_same_outputs, feeds, run, save, traced
+
+
+def ort_ops(path) -> collections.Counter:
+    """The (domain, op) counts of the graph ONNX Runtime's CPU session runs."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_name("ort.onnx"))
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+    return collections.Counter((n.domain, n.op_type) for n in graph.node)
+
+
+def packed(tmp_path, dtype="float32") -> ir.Model:
+    model = ir.load(str(traced(tmp_path / "traced", dtype=dtype)))
+    pipeline._cleanup(model)
+    packed_matmul.apply(model)
+    return model
+
+
+def test_matmuls_become_convs_and_keep_outputs(tmp_path):
+    model = packed(tmp_path)
+    before = save(model, tmp_path / "before" / "model.onnx")
+    matmuls = pipeline.op_counts(model)["MatMul"]
+    assert matmuls == 2 * GQA.num_hidden_layers + 1 + 2 * GQA.num_hidden_layers  # qkv, gate/up; o, down; lm_head
+    assert pointwise_conv.apply(model) == matmuls
+    counts = pipeline.op_counts(model)
+    assert "MatMul" not in counts and counts["Conv"] == matmuls
+    assert not any(name.endswith("weight.T") for name in model.graph.initializers)  # only the Conv weights remain
+    after = save(model, tmp_path / "after" / "model.onnx")
+    worst = assert_same_outputs(before, after)
+    for feed in feeds():  # and as ONNX Runtime runs it: NCHWc Convs, the Transposes folded into its reorders
+        for a, b in zip(run(before, feed, optimized=True), run(after, feed, optimized=True)):
+            assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-6)
+    ours, theirs = ort_ops(after), ort_ops(before)
+    assert ours["com.microsoft.nchwc", "Conv"] == matmuls and ("", "Conv") not in ours
+    assert ours["", "Transpose"] == theirs["", "Transpose"]  # the attention's own; none of the pass's is left
+    print(f"1×1 Conv: max relative output difference {worst:.2e}")
+
+
+def test_conv_weight_is_the_transpose_written_in_blocks():
+    rng = np.random.default_rng(0)
+    parts = [ir.tensor(rng.standard_normal((48, n)).astype(np.float32)) for n in (40, 24)]
+    whole = np.concatenate([p.numpy() for p in parts], axis=1)
+    blocks = list(pointwise_conv._transposed_blocks(parts, block_bytes=48 * 4 * 16))  # 16 rows of the result each
+    assert [b.shape for b in blocks] == [(16, 48, 1, 1)] * 2 + [(8, 48, 1, 1)] + [(16, 48, 1, 1), (8, 48, 1, 1)]
+    np.testing.assert_array_equal(np.concatenate(blocks), whole.T.reshape(64, 48, 1, 1))
+    weight = pointwise_conv.conv_weight(ColumnConcat(parts))
+    assert weight.shape == (64, 48, 1, 1)
+    np.testing.assert_array_equal(weight.numpy(), whole.T.reshape(64, 48, 1, 1))
+
+
+def test_float16_and_quantized_weights_are_left_alone(tmp_path):
+    assert pointwise_conv.apply(packed(tmp_path / "fp16", "float16")) == 0
+    model = packed(tmp_path / "int8")
+    quantized = weight_int8.apply(model, "matmulnbits")
+    left = pipeline.op_counts(model).get("MatMul", 0)
+    assert quantized > 0 and pointwise_conv.apply(model) == left
