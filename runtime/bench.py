@@ -4,13 +4,13 @@ Decode on a CPU is bound by reading every weight (and the KV cache) once per ste
 that says how good a runtime is, is bytes read per step ÷ step time, against the read bandwidth the machine
 gives at the same time, measured by this command with the same thread count (`BandwidthProbe`): ONNX
 Runtime's matrix-vector products over 256 MiB of constant weights (narrow and wide matrices, as MatMul and as
-1×1 Conv) and a ReduceSum over the same bytes, each run 20 times back to back, in a child process built once (so that its buffers never
-count in this process's peak RSS). The probe reads before the first timed run and after each one, and a run's
-reference is the mean of the readings on either side of it, so that the shared machine's drift falls on both.
-Both sides use the same statistic, robust to the other tenants' bursts: the decode's median step and the best
-probe's median run. `bandwidth_fraction` is the median of the runs' fractions. The best single probe run is
-reported beside it (`peak_read_gb_per_s`, `bandwidth_fraction_of_peak`: decode tokens/s against it), a burst that
-a whole run does not sustain on this shared machine. With `--backend trt` the reference is the GPU's memory
+1×1 Conv) and a ReduceSum over the same bytes, each run 20 times back to back, in a child process built once
+(so that its buffers never count in this process's peak RSS). The probe reads before the first timed run and
+after each one, and a run's reference is the mean of the readings on either side of it, so that the shared
+machine's drift falls on both. Both sides use the same statistic, robust to the other tenants' bursts: the
+decode's median step and the best probe's median run. `bandwidth_fraction` is the median of the runs' fractions.
+The best single probe run is reported beside it (`peak_read_gb_per_s`, `bandwidth_fraction_of_peak`: decode
+tokens/s against it), a burst that a whole run does not sustain on this shared machine. With `--backend trt` the reference is the GPU's memory
 (HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
 """
 

@@ -209,7 +209,6 @@ def test_num_layers_keeps_the_first_layers(tmp_path):
         assert np.abs(ours - ref)[real].max() <= 1e-4
 
 
-
 def test_a_configuration_is_traced_once_per_process(tmp_path):
     """The graph depends on the configuration alone (not its dtype): a second export of it reuses the first trace
     (torch's exporter does not run again, so its scratch file is not written), as a fresh copy each time, since

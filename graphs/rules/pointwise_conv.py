@@ -52,6 +52,7 @@ def conv_weight(weight: ir.TensorProtocol) -> RowBlockTensor:
 def apply(model: ir.Model) -> int:
     graph = model.graph
     leading: dict[ir.Value, ir.Value] = {}  # activation → its shape without the last axis
+    convs: dict[ir.Value, ir.Value] = {}  # MatMul weight → its Conv weight (one, however many MatMuls read it)
     converted = 0
     for node in list(graph):
         weight = constant_matrix(node.inputs[1]) if node.op_type == "MatMul" and node.domain == "" else None
@@ -66,13 +67,15 @@ def apply(model: ir.Model) -> int:
         rows = b("Reshape", [x, b.const("nhwc", np.array([1, 1, -1, k], np.int64))], ir.DataType.FLOAT,
                  [1, 1, "rows", k])
         nchw = b("Transpose", [rows], ir.DataType.FLOAT, [1, k, 1, "rows"], perm=[0, 3, 1, 2])
-        conv = b("Conv", [nchw, add_initializer(graph, f"{name}.conv", conv_weight(weight))], ir.DataType.FLOAT,
-                 [1, n, 1, "rows"])
+        source = node.inputs[1]
+        if source not in convs:
+            convs[source] = add_initializer(graph, f"{name}.conv", conv_weight(weight))
+        conv = b("Conv", [nchw, convs[source]], ir.DataType.FLOAT, [1, n, 1, "rows"])
         nhwc = b("Transpose", [conv], ir.DataType.FLOAT, [1, 1, "rows", n], perm=[0, 2, 3, 1])
         shape = b("Concat", [leading[x], b.const("n", np.array([n], np.int64))], INT64, [x.shape.rank()], axis=0)
         y = b("Reshape", [nhwc, shape], ir.DataType.FLOAT, [])
         y.shape, y.type = out.shape, out.type
-        was_output, out_name, source = out.is_graph_output(), out.name, node.inputs[1]
+        was_output, out_name = out.is_graph_output(), out.name
         out.replace_all_uses_with(y, replace_graph_outputs=True)
         if was_output:  # the graph output keeps its name (logits)
             out.name, y.name = f"{out_name}.matmul", out_name
