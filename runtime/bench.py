@@ -10,8 +10,8 @@ after each one, and a run's reference is the mean of the readings on either side
 machine's drift falls on both. Both sides use the same statistic, robust to the other tenants' bursts: the
 decode's median step and the best probe's median run. `bandwidth_fraction` is the median of the runs' fractions.
 The best single probe run is reported beside it (`peak_read_gb_per_s`, `bandwidth_fraction_of_peak`: decode
-tokens/s against it), a burst that a whole run does not sustain on this shared machine. With `--backend trt` the reference is the GPU's memory
-(HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
+tokens/s against it), a burst that a whole run does not sustain on this shared machine. With `--backend trt` the
+reference is the GPU's memory (HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
 """
 
 from __future__ import annotations

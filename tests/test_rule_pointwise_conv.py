@@ -69,3 +69,17 @@ def test_float16_and_quantized_weights_are_left_alone(tmp_path):
     quantized = weight_int8.apply(model, "matmulnbits")
     left = pipeline.op_counts(model).get("MatMul", 0)
     assert quantized > 0 and pointwise_conv.apply(model) == left
+
+
+def test_matmuls_reading_one_activation_share_its_view(tmp_path):
+    """Unpacked q/k/v and gate/up read one activation each: one Reshape/Transpose view of it serves them all."""
+    model = ir.load(str(traced(tmp_path / "traced")))
+    pipeline._cleanup(model)
+    before = save(model, tmp_path / "before" / "model.onnx")
+    activations = {n.inputs[0] for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None}
+    transposes = pipeline.op_counts(model).get("Transpose", 0)
+    converted = pointwise_conv.apply(model)
+    assert converted == 7 * GQA.num_hidden_layers + 1 and len(activations) == 4 * GQA.num_hidden_layers + 1
+    # each activation's input view, each Conv's output
+    assert pipeline.op_counts(model)["Transpose"] == transposes + len(activations) + converted
+    assert_same_outputs(before, save(model, tmp_path / "after" / "model.onnx"))

@@ -51,28 +51,32 @@ def conv_weight(weight: ir.TensorProtocol) -> RowBlockTensor:
 
 def apply(model: ir.Model) -> int:
     graph = model.graph
-    leading: dict[ir.Value, ir.Value] = {}  # activation → its shape without the last axis
-    convs: dict[ir.Value, ir.Value] = {}  # MatMul weight → its Conv weight (one, however many MatMuls read it)
+    # activation → (its shape without the last axis, its rows as a [1, K, 1, rows] image), and MatMul weight → its
+    # Conv weight: one of each, however many MatMuls read them
+    views: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+    convs: dict[ir.Value, ir.Value] = {}
     converted = 0
     for node in list(graph):
-        weight = constant_matrix(node.inputs[1]) if node.op_type == "MatMul" and node.domain == "" else None
-        x, out = node.inputs[0], node.outputs[0]
+        if node.op_type != "MatMul" or node.domain != "":
+            continue
+        x, source, out = node.inputs[0], node.inputs[1], node.outputs[0]
+        weight = constant_matrix(source)
         if weight is None or weight.dtype != ir.DataType.FLOAT or x.shape is None or x.shape.rank() < 2:
             continue
         k, n = weight.shape
-        name = node.inputs[1].name
+        name = source.name
         b = NodeBuilder(graph, node, f"{name}/conv")
-        if x not in leading:
-            leading[x] = b("Shape", [x], INT64, [x.shape.rank() - 1], end=-1)
-        rows = b("Reshape", [x, b.const("nhwc", np.array([1, 1, -1, k], np.int64))], ir.DataType.FLOAT,
-                 [1, 1, "rows", k])
-        nchw = b("Transpose", [rows], ir.DataType.FLOAT, [1, k, 1, "rows"], perm=[0, 3, 1, 2])
-        source = node.inputs[1]
+        if x not in views:
+            rows = b("Reshape", [x, b.const("nhwc", np.array([1, 1, -1, k], np.int64))], ir.DataType.FLOAT,
+                     [1, 1, "rows", k])
+            views[x] = (b("Shape", [x], INT64, [x.shape.rank() - 1], end=-1),
+                        b("Transpose", [rows], ir.DataType.FLOAT, [1, k, 1, "rows"], perm=[0, 3, 1, 2]))
+        leading, nchw = views[x]
         if source not in convs:
             convs[source] = add_initializer(graph, f"{name}.conv", conv_weight(weight))
         conv = b("Conv", [nchw, convs[source]], ir.DataType.FLOAT, [1, n, 1, "rows"])
         nhwc = b("Transpose", [conv], ir.DataType.FLOAT, [1, 1, "rows", n], perm=[0, 2, 3, 1])
-        shape = b("Concat", [leading[x], b.const("n", np.array([n], np.int64))], INT64, [x.shape.rank()], axis=0)
+        shape = b("Concat", [leading, b.const("n", np.array([n], np.int64))], INT64, [x.shape.rank()], axis=0)
         y = b("Reshape", [nhwc, shape], ir.DataType.FLOAT, [])
         y.shape, y.type = out.shape, out.type
         was_output, out_name = out.is_graph_output(), out.name
