@@ -3,8 +3,9 @@
 Runs inside the peer's own virtual environment (it imports only that peer and numpy). The workload is
 llama-bench's: `--batch` random prompts of `--prompt-len` tokens (the same seeds), one prefill, then
 `--gen-len` decode steps, each a forward pass over one new token per row, greedy, never stopping early;
-medians of `--runs` after a warm-up. genai's decode is a loop of single steps, so its median step is
-reported too (`decode_median_step_ms`, for the bandwidth fraction `peers.py` computes).
+medians of `--runs` after a warm-up and `--settle` seconds (llama-bench's wait: runtime/bench.py). genai's
+decode is a loop of single steps, so its median step is reported too (`decode_median_step_ms`, for the
+bandwidth fraction `peers.py` computes).
 
   genai         onnxruntime-genai's generator on the model its builder wrote
   optimum       optimum's ORTModelForCausalLM (exported from the checkpoint on first use) .generate
@@ -105,10 +106,13 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds to wait after loading and the warm-up, as llama-bench does (runtime/bench.py)")
     args = parser.parse_args()
     run = (genai_runner(args.model_dir, args.threads) if args.peer == "genai"
            else generate_runner(args.peer, args.model_dir, args.work, args.threads))
     run(prompts(args.batch, min(args.prompt_len, 8), args.vocab, 99), 2)  # warm-up
+    time.sleep(args.settle)
     results = [run(prompts(args.batch, args.prompt_len, args.vocab, seed), args.gen_len) for seed in range(args.runs)]
     prefill = statistics.median(r[0] for r in results)
     decode = statistics.median(r[1] for r in results)

@@ -6,15 +6,16 @@
 It writes a random-weight Hugging Face checkpoint of Llama-2 shapes (`small`, `gqa-mid`), exports it with
 llama-export (fp32: `--target ort`, and `--target ort --kv-cache static`), builds genai's model with its own
 builder, and runs llama-bench's workload (batch B, 128 prompt tokens, 128 decode steps, greedy, one timed run
-after a warm-up) on each system in turn, round robin for `--runs` rounds (default 3) in this one run, the order
-reversed every other round, so that the shared machine's drift falls on every system alike; the table gives
-medians. The peers live in virtual environments of their own under WORK/venvs (genai 0.18's builder needs
-transformers 5, optimum-onnx needs transformers < 4.58); they are created on first use. The table gives decode
-tokens/s, prefill latency, and the ratios of llama-export's best artifact to each system: decode tokens/s (above
-1: ours is faster) and prefill latency (below 1: ours is faster). For the systems whose decode is a loop of single
-steps (ours and genai) it also gives the fraction of the machine's read bandwidth their median step reaches, with
-llama-bench's probe (`runtime.bench.BandwidthProbe`) read by this script before and after each system's run: the
-same bytes per step (the weights but the embedding table, and the mean KV cache) for every system.
+after a warm-up and llama-bench's 3 s `--settle`, which peer_bench.py waits too) on each system in turn, round
+robin for `--runs` rounds (default 3) in this one run, the order reversed every other round, so that the shared
+machine's drift falls on every system alike; the table gives medians. The peers live in virtual environments
+of their own under WORK/venvs (genai 0.18's builder needs transformers 5, optimum-onnx needs transformers <
+4.58); they are created on first use. The table gives decode tokens/s, prefill latency, and the ratios of
+llama-export's best artifact to each system: decode tokens/s (above 1: ours is faster) and prefill latency (below
+1: ours is faster). For the systems whose decode is a loop of single steps (ours and genai) it also gives the
+fraction of the machine's read bandwidth their median step reaches, with llama-bench's probe
+(`runtime.bench.BandwidthProbe`) read by this script before and after each system's run: the same bytes per step
+(the weights but the embedding table, and the mean KV cache) for every system.
 
 Pages: llama-bench restarts itself onto transparent huge pages (runtime/hugepages.py), and so does this script,
 whose probe then reads the memory as llama-bench's does; the peers run as they come, without the tunable.

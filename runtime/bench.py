@@ -12,6 +12,13 @@ decode's median step and the best probe's median run. `bandwidth_fraction` is th
 The best single probe run is reported beside it (`peak_read_gb_per_s`, `bandwidth_fraction_of_peak`: decode
 tokens/s against it), a burst that a whole run does not sustain on this shared machine. With `--backend trt` the
 reference is the GPU's memory (HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
+
+Loading frees memory: ONNX Runtime's copies of the weights it reorders or prepacks, and the probe's. A virtual
+machine with free page reporting (virtio-balloon, as on this project's machines) hands memory that stays free to its
+host about 2 s later, and the host's reclaim stops the guest's CPUs for tens of milliseconds (seen as steal time):
+one such stall in a 128-step run of a small model costs it 5%. So after the warm-up, llama-bench waits `--settle`
+seconds (default 3) before its timed runs, which then measure decoding rather than that one-time aftermath of the
+load. `examples/peer_bench.py` waits the same time for each peer.
 """
 
 from __future__ import annotations
@@ -199,8 +206,12 @@ def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int,
 @click.option("--gen-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs (after a warm-up).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--settle", type=click.FloatRange(min=0), default=3.0, show_default=True,
+              help="Seconds to wait after loading and the warm-up, before the timed runs: a virtual machine with "
+                   "free page reporting hands the memory the load freed back to its host about 2 s later, which "
+                   "stalls its CPUs for tens of milliseconds (README, peers section). 0: no wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threads, as_json):
+def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threads, settle, as_json):
     """Benchmark an artifact: prefill latency, decode tokens/s, peak RSS, bandwidth fraction (medians)."""
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
@@ -216,7 +227,8 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     probe = HbmProbe() if backend == "trt" else BandwidthProbe(threads)
     try:
         run_once(engine, c["vocab_size"], batch, min(prompt_len, 8), 2, seed=99)  # warm-up
-        readings = [probe.read()]
+        readings = [probe.read()]  # the probe's buffers are built (and its load's leftovers freed) by now
+        time.sleep(settle)
         results = []
         for i in range(runs):
             results.append(run_once(engine, c["vocab_size"], batch, prompt_len, gen_len, seed=i))
@@ -232,7 +244,7 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     peak = max(best for _, best in readings)
     report = {
         "artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "batch": batch,
-        "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads,
+        "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads, "settle_s": settle,
         "prefill_ms": round(prefill_s * 1e3, 1), "decode_tokens_per_s": round(batch * gen_len / decode_s, 2),
         "decode_steps_per_s": round(gen_len / decode_s, 2),
         "decode_median_step_ms": round(statistics.median(r[2] for r in results) * 1e3, 3), "bytes_per_step": per_step,

@@ -277,10 +277,11 @@ def test_chat_keeps_history_and_reports_a_full_window(artifacts, tokenizer):
 def test_bench_reports_consistent_figures(artifacts):
     artifact, _ = artifacts("tiny")
     out = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "16",
-                          "--gen-len", "8", "--runs", "1", "--batch", "2", "--json"],
+                          "--gen-len", "8", "--runs", "1", "--batch", "2", "--settle", "0.5", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
+    assert report["settle_s"] == 0.5
     c = artifact.config
     weights = artifact.manifest["export"]["weights_bytes"] - c["vocab_size"] * c["hidden_size"] * 4
     cache = 2 * 4 * 4 * 32 * 4 * (16 + 4.5) * 2
