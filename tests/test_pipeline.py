@@ -38,10 +38,11 @@ def test_fused_graph_matches_reference(tmp_path, name, target):
         assert counts["SkipSimplifiedLayerNormalization"] == 2 * layers and "Cos" not in counts
         assert counts["GroupQueryAttention"] == layers and "Attention" not in counts
         # every float32 weight is a 1×1 Conv (qkv, o, gate/up, down per layer; lm_head), whose only Transposes
-        # and Concats are its own: the attention's are gone
+        # are its own (the attention's are gone), and whose output shapes are one Concat per output width (qkv,
+        # hidden for o and down, gate/up, vocab), shared by the layers
         convs = counts["Conv"]
         assert convs == 4 * layers + 1 and "MatMul" not in counts
-        assert counts["Transpose"] == 2 * convs and counts["Concat"] == convs
+        assert counts["Transpose"] == 2 * convs and counts["Concat"] == 4
     else:
         assert counts["Attention"] == layers
     assert counts["Split"] == 2 * layers  # packed qkv and gate/up

@@ -83,3 +83,20 @@ def test_matmuls_reading_one_activation_share_its_view(tmp_path):
     # each activation's input view, each Conv's output
     assert pipeline.op_counts(model)["Transpose"] == transposes + len(activations) + converted
     assert_same_outputs(before, save(model, tmp_path / "after" / "model.onnx"))
+
+
+def test_output_shapes_are_computed_once_per_leading_dims_and_width(tmp_path):
+    """Every layer's projections read `[batch, sequence_length, ·]` activations: one Shape serves them all, and one
+    Concat per output width (the lm_head reads the kept positions, whose leading dims differ: a second Shape)."""
+    model = packed(tmp_path)
+    before = save(model, tmp_path / "before" / "model.onnx")
+    counts = pipeline.op_counts(model)
+    widths = {n.inputs[1].shape[-1] for n in model.graph
+              if n.op_type == "MatMul" and n.inputs[1].const_value is not None}
+    converted = pointwise_conv.apply(model)
+    after = pipeline.op_counts(model)
+    shapes = [n for n in model.graph if n.op_type == "Shape" and "/conv/" in n.name]
+    concats = [n for n in model.graph if n.op_type == "Concat" and "/conv/" in n.name]
+    assert converted > 2 * len(widths) and len(shapes) == 2 and len(widths) <= len(concats) <= len(widths) + 1
+    assert after["Shape"] - counts.get("Shape", 0) == 2 and after["Concat"] - counts.get("Concat", 0) == len(concats)
+    assert_same_outputs(before, save(model, tmp_path / "after" / "model.onnx"))

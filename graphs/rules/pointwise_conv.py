@@ -11,8 +11,12 @@ MatMul whose weight is a constant float32 `[K, N]` matrix becomes
 
 the rows as the width of a one-pixel-high NHWC image. ONNX Runtime folds both Transposes into the NCHWc
 reorders it puts around the Conv (`ReorderInput` / `ReorderOutput` with `channels_last`); on a CPU without NCHWc
-kernels it runs the Conv as a GEMM. Only the ort target takes this pass: TensorRT and the standard-ONNX
-target keep their MatMuls, and float16 / bfloat16 weights (no NCHWc kernel) and quantized ones are left alone.
+kernels it runs the Conv as a GEMM. The output's shape is computed once for every activation of the same leading
+dims (`[batch, sequence_length]`, as shape inference names them) and output width, not once per MatMul: a Llama
+step then runs two Shape nodes (the layers' rows, the kept positions') and four Concat nodes (qkv, hidden, gate/up
+and vocab widths) instead of one of each per projection. Only the ort target takes this pass: TensorRT and the
+standard-ONNX target keep their MatMuls, and float16 / bfloat16 weights (no NCHWc kernel) and quantized ones are
+left alone.
 
 The Conv weight is the MatMul weight transposed, an `ir.LazyTensor` that the save writes a block of rows at a
 time from column blocks of the source (of each source, for a packed qkv or gate/up weight), so no weight is held
@@ -49,11 +53,20 @@ def conv_weight(weight: ir.TensorProtocol) -> RowBlockTensor:
     return RowBlockTensor(lambda: _transposed_blocks(parts), weight.dtype, ir.Shape([n, k, 1, 1]))
 
 
+def _leading_dims(x: ir.Value) -> tuple | ir.Value:
+    """The key of `x`'s dims but the last: the dims themselves where each is a number or a named symbol (equal
+    names are equal sizes), else `x` itself."""
+    dims = [d if isinstance(d, int) else d.value for d in list(x.shape)[:-1]]
+    return x if any(d is None for d in dims) else tuple(dims)
+
+
 def apply(model: ir.Model) -> int:
     graph = model.graph
-    # activation → (its shape without the last axis, its rows as a [1, K, 1, rows] image), and MatMul weight → its
-    # Conv weight: one of each, however many MatMuls read them
-    views: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
+    # activation → its rows as a [1, K, 1, rows] image, and MatMul weight → its Conv weight: one of each, however
+    # many MatMuls read them; leading dims → their shape, and (leading dims, output width) → the output's shape
+    views: dict[ir.Value, ir.Value] = {}
+    leadings: dict[tuple | ir.Value, ir.Value] = {}
+    shapes: dict[tuple, ir.Value] = {}
     convs: dict[ir.Value, ir.Value] = {}
     converted = 0
     for node in list(graph):
@@ -69,15 +82,18 @@ def apply(model: ir.Model) -> int:
         if x not in views:
             rows = b("Reshape", [x, b.const("nhwc", np.array([1, 1, -1, k], np.int64))], ir.DataType.FLOAT,
                      [1, 1, "rows", k])
-            views[x] = (b("Shape", [x], INT64, [x.shape.rank() - 1], end=-1),
-                        b("Transpose", [rows], ir.DataType.FLOAT, [1, k, 1, "rows"], perm=[0, 3, 1, 2]))
-        leading, nchw = views[x]
+            views[x] = b("Transpose", [rows], ir.DataType.FLOAT, [1, k, 1, "rows"], perm=[0, 3, 1, 2])
+        lead = _leading_dims(x)
+        if lead not in leadings:
+            leadings[lead] = b("Shape", [x], INT64, [x.shape.rank() - 1], end=-1)
+        if (lead, n) not in shapes:
+            shapes[lead, n] = b("Concat", [leadings[lead], b.const("n", np.array([n], np.int64))], INT64,
+                                [x.shape.rank()], axis=0)
         if source not in convs:
             convs[source] = add_initializer(graph, f"{name}.conv", conv_weight(weight))
-        conv = b("Conv", [nchw, convs[source]], ir.DataType.FLOAT, [1, n, 1, "rows"])
+        conv = b("Conv", [views[x], convs[source]], ir.DataType.FLOAT, [1, n, 1, "rows"])
         nhwc = b("Transpose", [conv], ir.DataType.FLOAT, [1, 1, "rows", n], perm=[0, 2, 3, 1])
-        shape = b("Concat", [leading, b.const("n", np.array([n], np.int64))], INT64, [x.shape.rank()], axis=0)
-        y = b("Reshape", [nhwc, shape], ir.DataType.FLOAT, [])
+        y = b("Reshape", [nhwc, shapes[lead, n]], ir.DataType.FLOAT, [])
         y.shape, y.type = out.shape, out.type
         was_output, out_name = out.is_graph_output(), out.name
         out.replace_all_uses_with(y, replace_graph_outputs=True)
