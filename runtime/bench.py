@@ -13,6 +13,15 @@ The best single probe run is reported beside it (`peak_read_gb_per_s`, `bandwidt
 tokens/s against it), a burst that a whole run does not sustain on this shared machine. With `--backend trt` the
 reference is the GPU's memory (HBM) bandwidth: a device-to-device copy of 1 GiB, timed with CUDA events.
 
+With `--batch` rows every weight is multiplied by that many rows, and ONNX Runtime's kernels read a weight more
+slowly with some row counts than with one: its x86 AVX2 1×1 Conv kernel (MLAS) computes at most three outputs per
+pass over a block of weights, so four rows take a second pass. So the ort backend's probe also times the 1×1 Conv
+chain with one row and with `--batch` rows (an image that many pixels wide), in turn, in each reading:
+`kernel_read_ratio` is the median of those pairs' read-rate ratios (batch rows ÷ one row; 1 at batch 1), what the ort
+target's own kernel keeps of its one-row rate at this batch, and `fraction_of_kernel_ceiling` is
+`bandwidth_fraction` ÷ that ratio. They say how much of a shortfall against the bandwidth is the kernel's;
+`bandwidth_fraction` stays the figure against the machine.
+
 Loading frees memory: ONNX Runtime's copies of the weights it reorders or prepacks, and the probe's. A virtual
 machine with free page reporting (virtio-balloon, as on this project's machines) hands memory that stays free to its
 host about 2 s later, and the host's reclaim stops the guest's CPUs for tens of milliseconds (seen as steal time):
@@ -44,6 +53,7 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 _PROBES: list = []  # the child process's probe sessions: (session, feed, bytes read per run)
+_KERNEL: list = []  # the 1×1 Conv chain's (session, input channels)
 
 
 def _build_probes(threads: int | None, megabytes: int = 256) -> None:
@@ -53,7 +63,8 @@ def _build_probes(threads: int | None, megabytes: int = 256) -> None:
       random values (so nothing can be shared or compressed);
     - the same chain over one 8192-row matrix (ONNX Runtime reads narrow matrices faster, wide ones slower);
     - the first chain as 1×1 Convs on a one-pixel image, the ort target's access pattern (the NCHWc kernel,
-      weights reordered at load; see graphs/rules/pointwise_conv.py), which reads faster still;
+      weights reordered at load; see graphs/rules/pointwise_conv.py), which reads faster still (its image's width,
+      the rows, is left free, for the kernel reading at a batch's rows);
     - a ReduceSum over the same bytes, fed as an input."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper, save
@@ -73,8 +84,8 @@ def _build_probes(threads: int | None, megabytes: int = 256) -> None:
                                                                    dtype=np.float32), f"w{i}")
                        for i, shape in enumerate(shapes)]
             nodes = [helper.make_node(op, ["x" if i == 0 else f"y{i - 1}", f"w{i}"], [f"y{i}"]) for i in range(count)]
-            row = [1, rows] if op == "MatMul" else [1, rows, 1, 1]
-            out = [1, shapes[-1][1]] if op == "MatMul" else [1, shapes[-1][1], 1, 1]
+            row = [1, rows] if op == "MatMul" else [1, rows, 1, "width"]
+            out = [1, shapes[-1][1]] if op == "MatMul" else [1, shapes[-1][1], 1, "width"]
             graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, row)],
                                       [helper.make_tensor_value_info(f"y{count - 1}", TensorProto.FLOAT, out)], weights)
             path = f"{scratch}/{op}{rows}.onnx"
@@ -82,7 +93,10 @@ def _build_probes(threads: int | None, megabytes: int = 256) -> None:
                  location=f"{op}{rows}.data")
             del weights, graph
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            _PROBES.append((session, {"x": np.full(row, 0.5, np.float32)}, 4 * rows * cols * count))
+            one_row = [1 if d == "width" else d for d in row]
+            _PROBES.append((session, {"x": np.full(one_row, 0.5, np.float32)}, 4 * rows * cols * count))
+            if op == "Conv":
+                _KERNEL.append((session, rows))
     k = 8192
     n = total // (4 * k)
     reduce_graph = helper.make_graph([helper.make_node("ReduceSum", ["w"], ["y"], keepdims=0)], "reduce",
@@ -95,30 +109,39 @@ def _build_probes(threads: int | None, megabytes: int = 256) -> None:
         session.run(None, feed)  # warm-up (prepacking)
 
 
-def _read_window(repeats: int) -> tuple[float, float]:
+def _seconds(session, feed: dict) -> float:
+    start = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def _read_window(repeats: int, rows: int) -> tuple[float, float, float]:
     """In the child: (the best probe's bytes/s in its median run of `repeats` back-to-back runs, the best single
-    run's)."""
+    run's, and the median over `repeats` pairs of runs of the 1×1 Conv chain's read rate with `rows` rows ÷ with
+    one row, the two taken in turn)."""
     typical = peak = 0.0
     for session, feed, size in _PROBES:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
+        times = [_seconds(session, feed) for _ in range(repeats)]
         typical, peak = max(typical, size / statistics.median(times)), max(peak, size / min(times))
-    return typical, peak
+    ratio = 1.0
+    if rows > 1:
+        session, channels = _KERNEL[0]
+        one, many = ({"x": np.full((1, channels, 1, width), 0.5, np.float32)} for width in (1, rows))
+        ratio = statistics.median(_seconds(session, one) / _seconds(session, many) for _ in range(repeats))
+    return typical, peak, ratio
 
 
 class BandwidthProbe:
     """The host's read bandwidth, measured by ONNX Runtime in a child process built once (see the module's
-    docstring). `read()` gives (bytes/s in the best probe's median run, bytes/s in the best single run)."""
+    docstring). `read()` gives (bytes/s in the best probe's median run, bytes/s in the best single run, the 1×1 Conv
+    chain's read rate with `rows` rows ÷ with one row)."""
 
-    def __init__(self, threads: int | None, repeats: int = 20):
-        self.repeats = repeats
+    def __init__(self, threads: int | None, rows: int = 1, repeats: int = 20):
+        self.repeats, self.rows = repeats, rows
         self.pool = multiprocessing.get_context("spawn").Pool(1, initializer=_build_probes, initargs=(threads,))
 
-    def read(self) -> tuple[float, float]:
-        return self.pool.apply(_read_window, (self.repeats,))
+    def read(self) -> tuple[float, float, float]:
+        return self.pool.apply(_read_window, (self.repeats, self.rows))
 
     def close(self) -> None:
         self.pool.terminate()
@@ -127,7 +150,7 @@ class BandwidthProbe:
 
 class HbmProbe:
     """Bytes/s of GPU memory traffic in a device-to-device copy of `megabytes`: each byte is read once and
-    written once. `read()` gives (the median of `repeats` copies, the best one)."""
+    written once. `read()` gives (the median of `repeats` copies, the best one) and no kernel reading."""
 
     def __init__(self, megabytes: int = 1024, repeats: int = 5):
         import torch
@@ -224,7 +247,7 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    probe = HbmProbe() if backend == "trt" else BandwidthProbe(threads)
+    probe = HbmProbe() if backend == "trt" else BandwidthProbe(threads, rows=batch)
     try:
         run_once(engine, c["vocab_size"], batch, min(prompt_len, 8), 2, seed=99)  # warm-up
         readings = [probe.read()]  # the probe's buffers are built (and its load's leftovers freed) by now
@@ -240,8 +263,8 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     per_step = bytes_per_step(artifact, batch, prompt_len, gen_len)
     pages = huge_pages_state()
     achieved = [per_step / r[2] for r in results]  # in the median step, as the probe's reading is its median run
-    references, fractions = bracketed_fractions(achieved, [typical for typical, _ in readings])
-    peak = max(best for _, best in readings)
+    references, fractions = bracketed_fractions(achieved, [reading[0] for reading in readings])
+    peak = max(reading[1] for reading in readings)
     report = {
         "artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "batch": batch,
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads, "settle_s": settle,
@@ -258,6 +281,10 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
         "huge_pages": pages.on, "huge_pages_why": pages.reason,
         "anon_huge_pages_mb": round((anon_huge_pages_bytes() or 0) / 2**20, 1),
     }
+    if len(readings[0]) == 3:  # the host probe's 1×1 Conv chain at this batch's rows against one row
+        ratio = statistics.median(reading[2] for reading in readings)
+        report |= {"kernel_read_ratio": round(ratio, 3),
+                   "fraction_of_kernel_ceiling": round(statistics.median(fractions) / ratio, 3)}
     if as_json:
         click.echo(json.dumps(report))
     else:

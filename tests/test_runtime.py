@@ -300,6 +300,10 @@ def test_bench_reports_consistent_figures(artifacts):
     # the fraction is the median step's bandwidth against the probe's median run
     assert report["bandwidth_fraction"] == pytest.approx(report["bytes_per_step"] / report["decode_median_step_ms"]
                                                          / 1e6 / report["measured_read_gb_per_s"], rel=0.05)
+    # the 1×1 Conv kernel's read rate with the batch's 2 rows against one row, and the fraction against that
+    assert 0.2 < report["kernel_read_ratio"] < 5
+    assert report["fraction_of_kernel_ceiling"] == pytest.approx(
+        report["bandwidth_fraction"] / report["kernel_read_ratio"], rel=0.01)
     bad = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "1000",
                           "--gen-len", "100"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "exceeds the context window 1024" in bad.stderr
