@@ -177,7 +177,7 @@ def main() -> None:
     for (system, batch), reports in runs.items():
         row = {"system": system, "batch": batch, "runs": len(reports)}
         for key in ("prefill_ms", "decode_tokens_per_s", "bandwidth_fraction", "llama_bench_bandwidth_fraction",
-                    "bandwidth_fraction_of_peak"):
+                    "bandwidth_fraction_of_peak", "kernel_read_ratio", "fraction_of_kernel_ceiling"):
             if key in reports[0]:
                 row[key] = statistics.median(r[key] for r in reports)
                 row[f"{key}_each"] = [r[key] for r in reports]
