@@ -281,7 +281,7 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
         "huge_pages": pages.on, "huge_pages_why": pages.reason,
         "anon_huge_pages_mb": round((anon_huge_pages_bytes() or 0) / 2**20, 1),
     }
-    if len(readings[0]) == 3:  # the host probe's 1×1 Conv chain at this batch's rows against one row
+    if backend != "trt":  # the host probe's 1×1 Conv chain at this batch's rows against one row
         ratio = statistics.median(reading[2] for reading in readings)
         report |= {"kernel_read_ratio": round(ratio, 3),
                    "fraction_of_kernel_ceiling": round(statistics.median(fractions) / ratio, 3)}
