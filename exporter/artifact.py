@@ -7,7 +7,6 @@ inside the temporary directory).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -42,18 +41,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def truncate_layers(ckpt: Checkpoint, num_layers: int | None) -> Checkpoint:
-    """The same reader, seen through a config with only the first `num_layers` layers."""
-    total = ckpt.config.num_hidden_layers
-    if num_layers is None or num_layers == total:
-        return ckpt
-    if not 1 <= num_layers <= total:
-        raise ExportError(f"--num-layers {num_layers} is out of range: the model has {total} layers (use 1..{total})")
-    view = copy.copy(ckpt)  # readers only look tensors up by name: the later layers are never read
-    view.config = ckpt.config.replace(num_hidden_layers=num_layers)
-    return view
 
 
 def prepare_output(out_dir: Path, force: bool) -> Path:

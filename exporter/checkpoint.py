@@ -9,20 +9,22 @@ model at once: safetensors are opened with `safe_open`, pickles with `torch.load
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import re
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig, read_json
 from .errors import ExportError
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+if TYPE_CHECKING:  # torch is imported where a tensor is read, so that resolving a model (and its errors) is quick
+    import torch
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -90,7 +92,9 @@ class Checkpoint(ABC):
 
 
 def _check_float(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
-    if tensor.dtype not in FLOAT_DTYPES:
+    import torch
+
+    if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ExportError(
             f"{where}: tensor {name!r} has dtype {tensor.dtype}, which cannot be converted to a float "
             f"model dtype; export an unquantized float32/float16/bfloat16 checkpoint"
@@ -145,6 +149,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
 def torch_load_lazy(file: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, memory-mapped, refusing anything that is not plain tensors."""
+    import torch
+
     if not file.is_file():
         raise ExportError(f"{file}: file not found")
     try:
@@ -272,6 +278,8 @@ class MetaCheckpoint(Checkpoint):
         return f"{self._files[0]} ({self._meta_name.get(name, name)})"
 
     def load(self, name: str) -> torch.Tensor:
+        import torch
+
         meta = self._meta_name[name]
         axis = self._axis(meta)
         parts = [s[meta] for s in self._shards]
@@ -299,10 +307,14 @@ class RandomCheckpoint(Checkpoint):
         return self._shapes[name]
 
     def load(self, name: str) -> torch.Tensor:
+        import torch
+
         return self.load_as(name, torch.float32)
 
     def load_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Generated directly in `dtype`, so a 70B embedding never exists in float32 as well."""
+        import torch
+
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         tensor = torch.randn(self._shapes[name], generator=gen, dtype=dtype)
         if name.endswith("norm.weight"):
@@ -339,3 +351,15 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
 
 def write_hf_config(config: LlamaConfig, directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+
+
+def truncate_layers(ckpt: Checkpoint, num_layers: int | None) -> Checkpoint:
+    """The same reader, seen through a config with only the first `num_layers` layers."""
+    total = ckpt.config.num_hidden_layers
+    if num_layers is None or num_layers == total:
+        return ckpt
+    if not 1 <= num_layers <= total:
+        raise ExportError(f"--num-layers {num_layers} is out of range: the model has {total} layers (use 1..{total})")
+    view = copy.copy(ckpt)  # readers only look tensors up by name: the later layers are never read
+    view.config = ckpt.config.replace(num_hidden_layers=num_layers)
+    return view

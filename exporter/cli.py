@@ -8,16 +8,12 @@ from pathlib import Path
 
 import click
 
-from graphs import pipeline
-
-from . import calibration as calibration_text
-from .artifact import build_artifact, truncate_layers
+from .checkpoint import truncate_layers
 from .cli_options import dtype_option, model_options
 from .engine import EXIT_NO_TENSORRT, build_command, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .presets import PRESET_NAMES, find_tokenizer, resolve_checkpoint
 from .trt_profiles import Limits
-from .verify import verify_artifact
 
 
 def _progress(total: int):
@@ -109,13 +105,18 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
     """
     try:
         started = time.perf_counter()
+        # the model and the flags first: a mistake in them is reported before anything heavy is imported
+        ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
+        if max_seq_len is not None and kv_cache != "static":
+            raise ExportError("--max-seq-len sizes the static cache: pass it with --kv-cache static")
+        if smoothquant and not int8:
+            raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
         status = tensorrt_status() if target == "auto" or (target == "trt" and build) else None
         if target == "auto":
             target = "trt" if status.usable else "ort"
             click.echo(f"target auto → {target}: {status.reason}"
                        + ("" if status.usable else " (pass --target trt for a TensorRT-ready artifact anyway)"),
                        err=True)
-        ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
         dtype = dtype or ckpt.config.torch_dtype
         name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
         quant = "-w8a8" if smoothquant else "-int8" if int8 else "-int4" if int4 else ""
@@ -125,13 +126,15 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
         if tokenizer is None:
             click.echo("note: no tokenizer.model found; the artifact will have none (pass --tokenizer PATH)", err=True)
         c = ckpt.config
-        if max_seq_len is not None and kv_cache != "static":
-            raise ExportError("--max-seq-len sizes the static cache: pass it with --kv-cache static")
         max_seq = (max_seq_len or c.max_position_embeddings) if kv_cache == "static" else None
+        from graphs import pipeline  # the heavy imports (torch, onnx, the graph passes), once the input is known good
+
+        from . import calibration as calibration_text
+        from .artifact import build_artifact
+        from .verify import verify_artifact
+
         smooth = None
         if smoothquant:
-            if not int8:
-                raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
             text = calibration or calibration_text.DEFAULT_TEXT
             length = min(512, c.max_position_embeddings)
             smooth = pipeline.SmoothQuant(calibration_text.sequences(tokenizer, text, calibration_tokens, length),

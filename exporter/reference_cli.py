@@ -10,8 +10,6 @@ import click
 
 from .cli_options import dtype_option, model_options
 from .errors import ExportError
-from .generate import generate
-from .loading import load_model
 from .presets import find_tokenizer, resolve_checkpoint
 from runtime.chat import ChatFormatError, chat_prompt_ids
 from runtime.tokenizer import LlamaTokenizer, TokenizerError
@@ -45,15 +43,18 @@ def main(model_name, checkpoint, random_weights, seed, dtype, prompt, chat, syst
             raise ExportError(f"no tokenizer.model found for {model_name!r}; pass --tokenizer PATH "
                               f"(a Llama sentencepiece model)")
         tok = LlamaTokenizer(tokenizer)
-        t0 = time.perf_counter()
-        model = load_model(ckpt, dtype)
-        click.echo(f"loaded {ckpt.source}: {ckpt.config.num_parameters() / 1e6:.1f} M parameters, {dtype}, "
-                   f"{time.perf_counter() - t0:.1f} s", err=True)
         if chat:
             dialog = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             ids = chat_prompt_ids(tok, dialog)
         else:
             ids = tok.encode(prompt)
+        from .generate import generate  # torch, once the input is known good
+        from .loading import load_model
+
+        t0 = time.perf_counter()
+        model = load_model(ckpt, dtype)
+        click.echo(f"loaded {ckpt.source}: {ckpt.config.num_parameters() / 1e6:.1f} M parameters, {dtype}, "
+                   f"{time.perf_counter() - t0:.1f} s", err=True)
         stream = tok.stream()
         shown = "".join(stream.push(i) for i in ids)  # the prompt, so the first new piece keeps its space
         if not chat:

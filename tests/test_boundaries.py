@@ -16,3 +16,9 @@ def test_graphs_never_imports_torch():
 def test_runtime_never_imports_exporter():
     modules = imported_after("import runtime.cli, runtime.chat_cli, runtime.bench, runtime.generate")
     assert "exporter" not in modules and "torch" not in modules
+
+
+def test_export_commands_check_their_input_before_the_heavy_imports():
+    """`--help` and a mistyped model or flag answer at once: torch, onnx and the graph passes load only after."""
+    modules = imported_after("import exporter.cli, exporter.reference_cli, exporter.presets")
+    assert not {"torch", "onnx", "onnx_ir", "onnxscript", "graphs"} & modules

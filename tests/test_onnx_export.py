@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporter.artifact import build_artifact, sha256, truncate_layers
-from exporter.checkpoint import RandomCheckpoint
+from exporter.artifact import build_artifact, sha256
+from exporter.checkpoint import RandomCheckpoint, truncate_layers
 from exporter.loading import load_model
 from exporter.onnx_export import io_contract, trace
 from exporter.presets import resolve_checkpoint
