@@ -2,8 +2,8 @@
 
 It reads only the artifact directory — `config.json` and the graph's initializers (memory-mapped by
 onnx-ir) — and maps them back to the reference model's parameters: `<name>.T` weights are transposed
-back, `<name>.T.conv` ones (the ort target's 1×1 Convs) reshaped, packed `qkv_proj` / `gateup_proj`
-weights split. It lives beside the reference model, and the runtime finds it through the
+back, `<name>.T.conv` ones (the ort target's 1×1 Convs) reshaped (`<name>.T.conv.<i>`, the vocabulary
+projection's Convs by output channels, joined), packed `qkv_proj` / `gateup_proj` weights split. It lives beside the reference model, and the runtime finds it through the
 `llama_export.backends` entry point, so `runtime` itself never imports `exporter` or torch. It runs float
 artifacts (fp32/fp16/bf16) of any flavour with its own growing cache: a parity reference for the other
 backends and an eager-PyTorch baseline for `llama-bench`.
@@ -48,11 +48,20 @@ def reference_weights(graph_path, config: LlamaConfig) -> dict[str, torch.Tensor
         raise ValueError(f"the torch backend runs float weights; {quantized.name} is {quantized.dtype.name} (an "
                          f"int8 artifact): use the ort backend, or export without --int8")
     weights: dict[str, torch.Tensor] = {}
+    tensors: list[tuple[str, torch.Tensor]] = []
+    chunks: dict[str, list[tuple[int, torch.Tensor]]] = {}  # a Conv weight in output-channel chunks, by name
     for value in graph.initializers.values():
         name = value.name.removeprefix("model.")
-        if not name.endswith((".weight", ".weight.T", ".weight.T.conv", ".bias")) or value.dtype not in FLOAT_TYPES:
+        if value.dtype not in FLOAT_TYPES:
             continue
-        tensor = _as_torch(value.const_value)
+        whole, _, index = name.rpartition(".")
+        if whole.endswith(".weight.T.conv") and index.isdigit():
+            chunks.setdefault(whole, []).append((int(index), _as_torch(value.const_value)))
+        elif name.endswith((".weight", ".weight.T", ".weight.T.conv", ".bias")):
+            tensors.append((name, _as_torch(value.const_value)))
+    tensors += [(name, torch.cat([t for _, t in sorted(parts, key=lambda part: part[0])]))
+                for name, parts in chunks.items()]
+    for name, tensor in tensors:
         if name.endswith(".T.conv"):  # a 1×1 Conv's [out, in, 1, 1]: the parameter's own layout
             name, tensor = name.removesuffix(".T.conv"), tensor.flatten(1)
         elif name.endswith(".T"):

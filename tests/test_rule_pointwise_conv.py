@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import torch
 
 from graphs import pipeline
 from graphs.rules import packed_matmul, pointwise_conv, weight_int8
@@ -100,3 +101,35 @@ def test_output_shapes_are_computed_once_per_leading_dims_and_width(tmp_path):
     assert converted > 2 * len(widths) and len(shapes) == 2 and len(concats) == len(widths)
     assert after["Shape"] - counts.get("Shape", 0) == 2 and after["Concat"] - counts.get("Concat", 0) == len(concats)
     assert_same_outputs(before, save(model, tmp_path / "after" / "model.onnx"))
+
+
+def test_the_vocabulary_projection_is_split_into_chunks(tmp_path):
+    """The logits' Conv in output-channel chunks of at most `head_chunk_bytes` each, joined on the channel axis:
+    the same outputs as the MatMul (plain ONNX Runtime, and with its NCHWc rewrite, which keeps the join in NCHWc),
+    and the torch backend reads the weight back whole. The layers' projections stay whole."""
+    from exporter.torch_backend import reference_weights
+
+    model = packed(tmp_path)
+    before = save(model, tmp_path / "before" / "model.onnx")
+    matmuls = pipeline.op_counts(model)["MatMul"]
+    head = GQA.vocab_size * GQA.hidden_size * 4
+    assert pointwise_conv.apply(model, head_chunk_bytes=head // 3 + 1) == matmuls
+    chunks = [name for name in model.graph.initializers if ".conv." in name]
+    assert chunks == [f"model.lm_head.weight.T.conv.{i}" for i in range(3)]
+    assert [model.graph.initializers[name].shape[0] for name in chunks] == [64, 64, GQA.vocab_size - 128]
+    assert pipeline.op_counts(model)["Conv"] == matmuls + 2
+    after = save(model, tmp_path / "after" / "model.onnx")
+    assert_same_outputs(before, after)
+    for feed in feeds():
+        for a, b in zip(run(before, feed, optimized=True), run(after, feed, optimized=True)):
+            assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-6)
+    unsplit = packed(tmp_path / "unsplit")
+    pointwise_conv.apply(unsplit)
+    ours, theirs = ort_ops(after), ort_ops(save(unsplit, tmp_path / "unsplit" / "convs" / "model.onnx"))
+    assert ours["com.microsoft.nchwc", "Conv"] == matmuls + 2 and ("", "Conv") not in ours
+    # one Concat more, in the NCHWc layout: the chunks' outputs are not reordered each
+    assert ours["", "Concat"] == theirs["", "Concat"] + 1
+    assert ours["com.microsoft.nchwc", "ReorderOutput"] == theirs["com.microsoft.nchwc", "ReorderOutput"]
+    whole, split = reference_weights(before, GQA), reference_weights(after, GQA)
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[name], split[name]) for name in whole)

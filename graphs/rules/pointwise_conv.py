@@ -21,6 +21,20 @@ left alone.
 The Conv weight is the MatMul weight transposed, an `ir.LazyTensor` that the save writes a block of rows at a
 time from column blocks of the source (of each source, for a packed qkv or gate/up weight), so no weight is held
 whole.
+
+The vocabulary projection (the MatMul whose output is a graph output: the logits) is split by output channels into
+Convs of at most `HEAD_CHUNK_BYTES` of weight each, joined by a Concat on the channel axis, which ONNX Runtime runs
+in its NCHWc layout (then one reorder and one Transpose of the logits, where a single Conv's Transpose folds into
+its reorder). While a session loads, ONNX Runtime holds transient copies of the Conv weight it is reordering into
+NCHWc blocks (one 131 MB Conv alone: 522 MB at the peak, 149 MB once loaded), so the largest weight sets the load's
+peak memory, and the vocabulary projection is the largest (gqa-mid: 250 MiB of 1.8 GiB). gqa-mid exported with
+four Convs of 62.5 MiB there, against one, five loads each in turn: peak RSS 1944–2067 against 2553–2628 MB,
+1811–1856 against 1791–1856 MB once loaded, session creation 1.7–2.2 against 4.4–6.0 s; the same logits bit for
+bit; the same decode step (`examples/step_ab.py`, 3 rounds: 1.005× at batch 1, 1.001× at batch 4) and prefill
+(batch 4, 10 rounds: the split artifact faster in 6). Each chunk stays above glibc's largest dynamic mmap threshold
+(32 MiB): smaller ones come from the heap, and their freed transient copies stay there (eight chunks of 31 MiB, in a
+hand-edited copy, kept gqa-mid's RSS 290 MB higher once loaded). The layers' projections are not split: their
+Concat would copy a whole prefill's activations.
 """
 
 from __future__ import annotations
@@ -35,22 +49,43 @@ from ._tensors import NodeBuilder, RowBlockTensor, add_initializer, column_parts
 INT64 = ir.DataType.INT64
 
 
-def _transposed_blocks(parts: list[ir.TensorProtocol], block_bytes: int = 32 << 20) -> Iterator[np.ndarray]:
-    """Row blocks of the transpose of the column-wise concatenation of `parts`, shaped [rows, K, 1, 1]."""
+HEAD_CHUNK_BYTES = 64 << 20  # the vocabulary projection's Convs: at most this much weight each
+CHANNEL_MULTIPLE = 16  # a chunk's output channels: whole NCHWc blocks (8 with AVX2, 16 with AVX-512)
+
+
+def _transposed_blocks(parts: list[ir.TensorProtocol], block_bytes: int = 32 << 20, start: int = 0,
+                       stop: int | None = None) -> Iterator[np.ndarray]:
+    """Row blocks of the transpose of columns [start, stop) of the column-wise concatenation of `parts`, shaped
+    [rows, K, 1, 1]."""
+    offset = 0
     for part in parts:
         k, n = part.shape
+        lo, hi = max(start - offset, 0), min(n if stop is None else stop - offset, n)
         step = max(1, int(block_bytes // (k * part.dtype.itemsize)))
-        for start in range(0, n, step):
-            block = part.numpy()[:, start:start + step]
+        for first in range(lo, hi, step):
+            block = part.numpy()[:, first:min(first + step, hi)]
             yield np.ascontiguousarray(block.T).reshape(block.shape[1], k, 1, 1)
             release(part)  # unmap: mapped pages would otherwise stay resident
+        offset += n
 
 
-def conv_weight(weight: ir.TensorProtocol) -> RowBlockTensor:
-    """`[K, N]` → the Conv weight `[N, K, 1, 1]`, computed while it is saved."""
+def conv_weight(weight: ir.TensorProtocol, start: int = 0, stop: int | None = None) -> RowBlockTensor:
+    """`[K, N]` → the Conv weight `[N, K, 1, 1]` (of output channels [start, stop) only, when given), computed
+    while it is saved."""
     k, n = weight.shape
+    stop = n if stop is None else stop
     parts = column_parts(weight)
-    return RowBlockTensor(lambda: _transposed_blocks(parts), weight.dtype, ir.Shape([n, k, 1, 1]))
+    return RowBlockTensor(lambda: _transposed_blocks(parts, start=start, stop=stop), weight.dtype,
+                          ir.Shape([stop - start, k, 1, 1]))
+
+
+def chunk_bounds(weight: ir.TensorProtocol, max_bytes: int) -> list[tuple[int, int]]:
+    """A `[K, N]` weight's output channels in as few equal ranges (whole multiples of `CHANNEL_MULTIPLE`) as keep
+    each range's weight within `max_bytes`; one range when the weight fits."""
+    k, n = weight.shape
+    count = -(-k * n * int(weight.dtype.itemsize) // max_bytes)
+    step = -(-n // count // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _leading_dims(x: ir.Value) -> tuple | ir.Value:
@@ -60,14 +95,14 @@ def _leading_dims(x: ir.Value) -> tuple | ir.Value:
     return x if any(d is None for d in dims) else tuple(dims)
 
 
-def apply(model: ir.Model) -> int:
+def apply(model: ir.Model, head_chunk_bytes: int = HEAD_CHUNK_BYTES) -> int:
     graph = model.graph
     # activation → its rows as a [1, K, 1, rows] image, and MatMul weight → its Conv weight: one of each, however
     # many MatMuls read them; leading dims → their shape, and (leading dims, output width) → the output's shape
     views: dict[ir.Value, ir.Value] = {}
     leadings: dict[tuple | ir.Value, ir.Value] = {}
     shapes: dict[tuple, ir.Value] = {}
-    convs: dict[ir.Value, ir.Value] = {}
+    convs: dict[ir.Value, list[ir.Value]] = {}
     converted = 0
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain != "":
@@ -90,8 +125,12 @@ def apply(model: ir.Model) -> int:
             shapes[lead, n] = b("Concat", [leadings[lead], b.const("n", np.array([n], np.int64))], INT64,
                                 [x.shape.rank()], axis=0)
         if source not in convs:
-            convs[source] = add_initializer(graph, f"{name}.conv", conv_weight(weight))
-        conv = b("Conv", [views[x], convs[source]], ir.DataType.FLOAT, [1, n, 1, "rows"])
+            bounds = chunk_bounds(weight, head_chunk_bytes) if out.is_graph_output() else [(0, n)]
+            convs[source] = [add_initializer(graph, f"{name}.conv", conv_weight(weight))] if len(bounds) == 1 else [
+                add_initializer(graph, f"{name}.conv.{i}", conv_weight(weight, lo, hi))
+                for i, (lo, hi) in enumerate(bounds)]
+        chunks = [b("Conv", [views[x], w], ir.DataType.FLOAT, [1, w.shape[0], 1, "rows"]) for w in convs[source]]
+        conv = chunks[0] if len(chunks) == 1 else b("Concat", chunks, ir.DataType.FLOAT, [1, n, 1, "rows"], axis=1)
         nhwc = b("Transpose", [conv], ir.DataType.FLOAT, [1, 1, "rows", n], perm=[0, 2, 3, 1])
         y = b("Reshape", [nhwc, shapes[lead, n]], ir.DataType.FLOAT, [])
         y.shape, y.type = out.shape, out.type
