@@ -3,10 +3,11 @@
 It reads only the artifact directory — `config.json` and the graph's initializers (memory-mapped by
 onnx-ir) — and maps them back to the reference model's parameters: `<name>.T` weights are transposed
 back, `<name>.T.conv` ones (the ort target's 1×1 Convs) reshaped (`<name>.T.conv.<i>`, the vocabulary
-projection's Convs by output channels, joined), packed `qkv_proj` / `gateup_proj` weights split. It lives beside the reference model, and the runtime finds it through the
-`llama_export.backends` entry point, so `runtime` itself never imports `exporter` or torch. It runs float
-artifacts (fp32/fp16/bf16) of any flavour with its own growing cache: a parity reference for the other
-backends and an eager-PyTorch baseline for `llama-bench`.
+projection's Convs by output channels, joined), packed `qkv_proj` / `gateup_proj` weights split. It
+lives beside the reference model, and the runtime finds it through the `llama_export.backends` entry
+point, so `runtime` itself never imports `exporter` or torch. It runs float artifacts (fp32/fp16/bf16)
+of any flavour with its own growing cache: a parity reference for the other backends and an
+eager-PyTorch baseline for `llama-bench`.
 """
 
 from __future__ import annotations
