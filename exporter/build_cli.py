@@ -26,7 +26,7 @@ def _describe(plan: list[dict]) -> str:
 def open_trt_ready(directory: Path) -> Artifact:
     """The artifact, if its graph is one TensorRT imports (exported with --target trt)."""
     try:
-        artifact = Artifact.open(directory)
+        artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
     except ArtifactError as err:
         raise ExportError(str(err)) from None
     target = artifact.manifest["graph"].get("target")

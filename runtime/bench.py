@@ -238,7 +238,7 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     """Benchmark an artifact: prefill latency, decode tokens/s, peak RSS, bandwidth fraction (medians)."""
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
-        artifact = Artifact.open(directory)
+        artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
         c = artifact.config
         engine = open_backend(artifact, backend, threads, cuda_graph)
         if prompt_len + gen_len + 1 > engine.max_length:

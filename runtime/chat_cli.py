@@ -46,7 +46,7 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        artifact = Artifact.open(directory)
+        artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer, backend = LlamaTokenizer(artifact.tokenizer_path), open_backend(artifact, backend)

@@ -49,7 +49,7 @@ def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, r
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        artifact = Artifact.open(directory)
+        artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)

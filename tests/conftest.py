@@ -14,6 +14,13 @@ from exporter.config import LlamaConfig
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def verified_files_cache(tmp_path_factory):
+    """The runtime's record of verified artifact files (runtime/artifact.py) in a directory of the test session's
+    own, for this process and the commands it starts, not in the user's cache."""
+    os.environ["LLAMA_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("llama-export-cache"))
+
+
 def small_config(**overrides) -> LlamaConfig:
     base = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=160, max_position_embeddings=64, torch_dtype="float32")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -253,6 +254,59 @@ def test_tampered_artifact_is_refused(artifacts, tmp_path):
     (copy / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="no manifest.json; not an artifact directory"):
         Artifact.open(copy)
+
+
+def test_verified_files_are_hashed_again_only_when_they_change(artifacts, tmp_path, monkeypatch):
+    """A file whose sha256 matched is not hashed again while its stat fingerprint holds. A write, even one that puts
+    the mtime back, makes the next open hash it (and refuse it); LLAMA_EXPORT_VERIFY=always hashes every file every
+    time; a cache that cannot be written only costs the hashing."""
+    import shutil
+
+    import runtime.artifact as artifact_module
+
+    artifact, _ = artifacts("mha")
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact.directory, copy)
+    files = set(artifact.manifest["files"])
+    hashed = []
+    real_sha256 = artifact_module.sha256
+    monkeypatch.setattr(artifact_module, "sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    monkeypatch.setenv("LLAMA_EXPORT_CACHE", str(tmp_path / "cache"))
+
+    def flip(offset=5000):
+        data = copy / "model.onnx.data"
+        before = data.stat()
+        with open(data, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 1]))
+        os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))  # the mtime put back
+
+    Artifact.open(copy)
+    assert set(hashed) == files and len(hashed) == len(files)
+    hashed.clear()
+    Artifact.open(copy)
+    assert hashed == []
+    flip()
+    with pytest.raises(ArtifactError, match=r"model.onnx.data: sha256 does not match the manifest"):
+        Artifact.open(copy)
+    assert hashed == ["model.onnx.data"]
+    flip()  # the original bytes again: hashed once more, then known
+    hashed.clear()
+    Artifact.open(copy)
+    Artifact.open(copy)
+    assert hashed == ["model.onnx.data"]
+    hashed.clear()
+    monkeypatch.setenv("LLAMA_EXPORT_VERIFY", "always")
+    Artifact.open(copy)
+    assert sorted(hashed) == sorted(files)
+    monkeypatch.delenv("LLAMA_EXPORT_VERIFY")
+    hashed.clear()
+    monkeypatch.setenv("LLAMA_EXPORT_CACHE", str(copy / "manifest.json" / "cache"))  # under a file: not writable
+    Artifact.open(copy)
+    Artifact.open(copy)
+    assert sorted(hashed) == sorted(list(files) * 2)
 
 
 def test_chat_keeps_history_and_reports_a_full_window(artifacts, tokenizer):
