@@ -46,6 +46,7 @@ import numpy as np
 
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
+from .cli import ENVIRONMENT
 from .generate import decode_one_token, prefill
 from .hugepages import anon_huge_pages_bytes, huge_pages_state, relaunch_with_huge_pages
 
@@ -218,7 +219,7 @@ def run_once(backend, vocab: int, batch: int, prompt_len: int, gen_len: int,
     return prefill_s, sum(steps), statistics.median(steps)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="ort: ONNX Runtime. trt: the artifact's TensorRT engine (llama-build); the bandwidth figure is "

@@ -9,6 +9,7 @@ import click
 
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
+from .cli import ENVIRONMENT
 from .chat import ChatFormatError, chat_prompt_ids
 from .generate import Generation
 from .hugepages import relaunch_with_huge_pages
@@ -27,7 +28,7 @@ def fit_history(tokenizer: LlamaTokenizer, system: str | None, turns: list[dict]
         turns = turns[2:]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="System prompt, folded into the first turn between <<SYS>> tags.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest answer.")

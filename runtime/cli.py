@@ -16,7 +16,19 @@ from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer, TokenizerError
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+ENVIRONMENT = """\b
+Environment:
+  LLAMA_EXPORT_HUGEPAGES=0    keep 4 KiB pages (default: restart once on
+                              2 MiB pages where glibc and the kernel can)
+  LLAMA_EXPORT_VERIFY=always  hash every artifact file at every start
+                              (default: only files changed since their
+                              sha256 last matched the manifest)
+  LLAMA_EXPORT_CACHE=DIR      where that record lives
+                              (default: ~/.cache/llama-export)
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True,
               help="Text to continue; give several --prompt to run them as one batch.")

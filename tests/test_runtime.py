@@ -207,6 +207,14 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("module", ["runtime.cli", "runtime.chat_cli", "runtime.bench"])
+def test_commands_help_names_their_environment(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for name in ("LLAMA_EXPORT_HUGEPAGES=0", "LLAMA_EXPORT_VERIFY=always", "LLAMA_EXPORT_CACHE=DIR"):
+        assert name in out.stdout, (module, out.stdout)
+
+
 def test_cli_json_batch_equals_api(artifacts, tokenizer):
     artifact, _ = artifacts("tiny")
     out = cli(str(artifact.directory), "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--json",
