@@ -9,8 +9,8 @@ import click
 
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
-from .cli import ENVIRONMENT
 from .chat import ChatFormatError, chat_prompt_ids
+from .cli import ENVIRONMENT
 from .generate import Generation
 from .hugepages import relaunch_with_huge_pages
 from .sampling import SamplingParams
