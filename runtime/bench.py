@@ -239,9 +239,12 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     """Benchmark an artifact: prefill latency, decode tokens/s, peak RSS, bandwidth fraction (medians)."""
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
+        start = time.perf_counter()
         artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
+        checked = time.perf_counter()
         c = artifact.config
         engine = open_backend(artifact, backend, threads, cuda_graph)
+        loaded = time.perf_counter()
         if prompt_len + gen_len + 1 > engine.max_length:
             raise ArtifactError(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
                                 f"{engine.max_length}")
@@ -269,6 +272,7 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     report = {
         "artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "batch": batch,
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads, "settle_s": settle,
+        "check_s": round(checked - start, 3), "load_s": round(loaded - checked, 2),
         "prefill_ms": round(prefill_s * 1e3, 1), "decode_tokens_per_s": round(batch * gen_len / decode_s, 2),
         "decode_steps_per_s": round(gen_len / decode_s, 2),
         "decode_median_step_ms": round(statistics.median(r[2] for r in results) * 1e3, 3), "bytes_per_step": per_step,

@@ -352,6 +352,7 @@ def test_bench_reports_consistent_figures(artifacts):
     assert report["achieved_gb_per_s"] == pytest.approx(
         report["bytes_per_step"] * report["decode_steps_per_s"] / 1e9, rel=0.02)
     assert report["measured_read_gb_per_s"] > 0.5 and report["peak_rss_mb"] > 50
+    assert report["check_s"] >= 0 and report["load_s"] > 0
     pages = huge_pages_state()  # llama-bench restarts onto huge pages where this process could ask for them
     assert report["huge_pages"] == (pages.on or pages.can_request), report["huge_pages_why"]
     if report["huge_pages"]:  # the prepacked output projection (4 MiB) at least
