@@ -31,7 +31,8 @@ def fit_history(tokenizer: LlamaTokenizer, system: str | None, turns: list[dict]
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="System prompt, folded into the first turn between <<SYS>> tags.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest answer.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Longest answer.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

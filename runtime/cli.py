@@ -46,7 +46,8 @@ Environment:
                    "model on the artifact's weights (float artifacts; parity and baseline).")
 @click.option("--cuda-graph", is_flag=True,
               help="trt, static-cache artifacts: replay each decode step as a CUDA graph.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: the runtime's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads (default: the runtime's choice).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt: tokens, text, finish_reason.")
 def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
          stop_strings, backend, cuda_graph, threads, as_json):

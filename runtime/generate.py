@@ -75,6 +75,8 @@ class Generation:
         if longest >= max_length:
             raise GenerationError(f"a prompt has {longest} tokens; the context window is {max_length}, leaving no "
                                   f"room to generate — shorten the prompt")
+        if any(not s for s in stop_strings):
+            raise GenerationError("a stop string is empty; give at least one character of text to stop at")
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if longest + max_new_tokens > max_length:

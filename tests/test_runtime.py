@@ -195,10 +195,14 @@ def test_generation_errors(artifacts, tokenizer):
         Generation(backend, tokenizer, [[5] * 128], artifact.max_length, 4)
     with pytest.raises(GenerationError, match=r"exceeds the context window of 128; lower max_new_tokens to 28"):
         Generation(backend, tokenizer, [[5] * 100], artifact.max_length, 40)
+    with pytest.raises(GenerationError, match="a stop string is empty"):
+        Generation(backend, tokenizer, [[5]], artifact.max_length, 4, stop_strings=["</s>", ""])
     for bad, message in ((dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
                          (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
                          (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
-                         (dict(top_k=-2), "top_k=-2 must be >= 0")):
+                         (dict(top_k=-2), "top_k=-2 must be >= 0"),
+                         (dict(temperature=float("inf")), "temperature=inf must be >= 0 and finite"),
+                         (dict(seed=-1), "seed=-1 must be >= 0")):
         with pytest.raises(ValueError, match=message):
             SamplingParams(**bad)
 
@@ -235,12 +239,26 @@ def test_cli_json_batch_equals_api(artifacts, tokenizer):
     (["--prompt", ""], "a prompt is empty"),
     (["--prompt", "x", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
     (["--prompt", "x", "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["--prompt", "x", "--seed", "-1"], "seed=-1 must be >= 0"),
+    (["--prompt", "x", "--stop", ""], "a stop string is empty"),
     (["--prompt", "x", "--max-new-tokens", "5000"], "exceeds the context window of 1024"),
     (["--prompt", "word " * 1100], "the context window is 1024"),
 ])
 def test_cli_bad_input(artifacts, args, message):
     artifact, _ = artifacts("tiny")
     out = cli(str(artifact.directory), *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
+    (["--seed", "-1"], "seed=-1 must be >= 0"),
+    (["--temperature", "inf"], "temperature=inf must be >= 0 and finite"),
+])
+def test_chat_bad_input(artifacts, args, message):
+    artifact, _ = artifacts("tiny")
+    out = subprocess.run([sys.executable, "-m", "runtime.chat_cli", str(artifact.directory), *args], input="Hello\n",
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
