@@ -139,6 +139,9 @@ class Artifact:
         verified files (module docstring) knows it unchanged. `log` hears of each large file being hashed."""
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
+        if not directory.is_dir():
+            what = "is a file" if directory.exists() else "does not exist"
+            raise ArtifactError(f"{directory} {what}: give an artifact directory (make one with llama-export)")
         if not manifest_path.is_file():
             raise ArtifactError(f"{directory}: no manifest.json; not an artifact directory (make one with llama-export)")
         try:

@@ -280,6 +280,10 @@ def test_tampered_artifact_is_refused(artifacts, tmp_path):
     (copy / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="no manifest.json; not an artifact directory"):
         Artifact.open(copy)
+    with pytest.raises(ArtifactError, match="missing does not exist: give an artifact directory"):
+        Artifact.open(tmp_path / "missing")
+    with pytest.raises(ArtifactError, match="model.onnx is a file: give an artifact directory"):
+        Artifact.open(copy / "model.onnx")
 
 
 def test_verified_files_are_hashed_again_only_when_they_change(artifacts, tmp_path, monkeypatch):

@@ -180,7 +180,7 @@ def test_build_cli_refuses_a_graph_not_made_for_tensorrt(tmp_path):
     assert "was exported with --target ort; TensorRT engines are built from a graph checked against TensorRT's " \
            "parser: re-export with llama-export ... --target trt" in refused.stderr
     gone = build_cli(str(tmp_path / "nothing"))
-    assert gone.returncode == 2 and "no manifest.json" in gone.stderr
+    assert gone.returncode == 2 and "nothing does not exist: give an artifact directory" in gone.stderr
 
 
 def test_engine_record_in_the_manifest(trt_ready, tmp_path):
