@@ -46,7 +46,7 @@ import numpy as np
 
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
-from .cli import ENVIRONMENT
+from .cli import ENVIRONMENT, to_stderr
 from .generate import decode_one_token, prefill
 from .hugepages import anon_huge_pages_bytes, huge_pages_state, relaunch_with_huge_pages
 
@@ -240,7 +240,7 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         start = time.perf_counter()
-        artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
+        artifact = Artifact.open(directory, log=to_stderr)
         checked = time.perf_counter()
         c = artifact.config
         engine = open_backend(artifact, backend, threads, cuda_graph)

@@ -10,7 +10,7 @@ import click
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
 from .chat import ChatFormatError, chat_prompt_ids
-from .cli import ENVIRONMENT
+from .cli import ENVIRONMENT, to_stderr
 from .generate import Generation
 from .hugepages import relaunch_with_huge_pages
 from .sampling import SamplingParams
@@ -48,7 +48,7 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
+        artifact = Artifact.open(directory, log=to_stderr)
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer, backend = LlamaTokenizer(artifact.tokenizer_path), open_backend(artifact, backend)

@@ -28,6 +28,11 @@ Environment:
 """
 
 
+def to_stderr(message: str) -> None:
+    """The commands' progress lines (e.g. `Artifact.open`'s), kept off stdout, which carries the text or JSON."""
+    click.echo(message, err=True)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True,
@@ -62,7 +67,7 @@ def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, r
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
+        artifact = Artifact.open(directory, log=to_stderr)
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)
