@@ -1,7 +1,7 @@
 """Open an artifact directory: read the manifest, check every file against its size and sha256.
 
-Hashing reads every byte (about 1.1 GB/s here: 1.7–1.8 s for gqa-mid's 1.9 GB, half a minute for a 7B model in fp32),
-so a file whose sha256 matched is remembered with its stat fingerprint (size, mtime and ctime in ns, inode, device)
+Hashing reads every byte (seconds for a small model, tens of seconds for a 7B one; figures in docs/runtime.md), so a
+file whose sha256 matched is remembered with its stat fingerprint (size, mtime and ctime in ns, inode, device)
 in a small record under `$LLAMA_EXPORT_CACHE` (default `$XDG_CACHE_HOME/llama-export`, else
 `~/.cache/llama-export`), one per artifact directory. The next open hashes only the files whose fingerprint
 changed: any write to a file, and any `touch` of it, changes its ctime, which no user can set back. The check

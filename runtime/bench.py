@@ -24,8 +24,8 @@ target's own kernel keeps of its one-row rate at this batch, and `fraction_of_ke
 
 Loading frees memory: ONNX Runtime's copies of the weights it reorders or prepacks, and the probe's. A virtual
 machine with free page reporting (virtio-balloon, as on this project's machines) hands memory that stays free to its
-host about 2 s later, and the host's reclaim stops the guest's CPUs for tens of milliseconds (seen as steal time):
-one such stall in a 128-step run of a small model costs it 5%. So after the warm-up, llama-bench waits `--settle`
+host about 2 s later, and the host's reclaim stops the guest's CPUs for tens of milliseconds (seen as steal time),
+which a short run's figure cannot absorb (measured in docs/benchmarks.md). So after the warm-up, llama-bench waits `--settle`
 seconds (default 3) before its timed runs, which then measure decoding rather than that one-time aftermath of the
 load. `examples/peer_bench.py` waits the same time for each peer.
 """

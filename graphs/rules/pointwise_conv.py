@@ -2,9 +2,8 @@
 
 ONNX Runtime's CPU MatMul runs its SGEMM on a prepacked copy of the weight; its NCHWc pointwise Conv (x86, the
 weight reordered into channel blocks when the session loads) reads a weight faster when there are few rows, as in
-a decode step. Measured here (2 threads, 2 AMD EPYC cores, 2048×5632 / 5632×2048 weights, huge pages): 21.3 vs
-26.9 GB/s with one row, 17.6 vs 23.5 with four, the same at 128 rows, and 1.2× slower at 512 rows. So each
-MatMul whose weight is a constant float32 `[K, N]` matrix becomes
+a decode step, and no faster with a prefill's hundreds of rows (measurements: docs/design-pointwise-conv.md). So
+each MatMul whose weight is a constant float32 `[K, N]` matrix becomes
 
     Reshape(x, [1, 1, rows, K]) → Transpose(0 3 1 2) → Conv(W as [N, K, 1, 1]) → Transpose(0 2 3 1)
     → Reshape(leading dims of x + [N])
@@ -26,15 +25,12 @@ The vocabulary projection (the MatMul whose output is a graph output: the logits
 Convs of at most `HEAD_CHUNK_BYTES` of weight each, joined by a Concat on the channel axis, which ONNX Runtime runs
 in its NCHWc layout (then one reorder and one Transpose of the logits, where a single Conv's Transpose folds into
 its reorder). While a session loads, ONNX Runtime holds transient copies of the Conv weight it is reordering into
-NCHWc blocks (one 131 MB Conv alone: 522 MB at the peak, 149 MB once loaded), so the largest weight sets the load's
-peak memory, and the vocabulary projection is the largest (gqa-mid: 250 MiB of 1.8 GiB). gqa-mid exported with
-four Convs of 62.5 MiB there, against one, five loads each in turn: peak RSS 1944–2067 against 2553–2628 MB,
-1811–1856 against 1791–1856 MB once loaded, session creation 1.7–2.2 against 4.4–6.0 s; the same logits bit for
-bit; the same decode step (`examples/step_ab.py`, 3 rounds: 1.005× at batch 1, 1.001× at batch 4) and prefill
-(batch 4, 10 rounds: the split artifact faster in 6). Each chunk stays above glibc's largest dynamic mmap threshold
-(32 MiB): smaller ones come from the heap, and their freed transient copies stay there (eight chunks of 31 MiB, in a
-hand-edited copy, kept gqa-mid's RSS 290 MB higher once loaded). The layers' projections are not split: their
-Concat would copy a whole prefill's activations.
+NCHWc blocks, several times the weight's size, so the largest weight sets the load's peak memory, and the
+vocabulary projection is the largest. Split, it loads with a lower peak and faster, computes the same logits bit
+for bit and takes the same decode step. Each chunk stays above glibc's largest dynamic mmap threshold (32 MiB):
+smaller ones come from the heap, and their freed transient copies stay there, raising the loaded RSS. The layers'
+projections are not split: their Concat would copy a whole prefill's activations. The measurements behind each of
+these sentences: docs/design-pointwise-conv.md.
 """
 
 from __future__ import annotations
