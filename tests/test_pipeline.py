@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -29,7 +27,6 @@ def test_fused_graph_matches_reference(tmp_path, name, target):
     ckpt = checkpoint(name)
     manifest = build_artifact(ckpt, tmp_path / "a", "float32", log=lambda m: None, target=target, optimize=True)
     counts = manifest["graph"]["op_counts"]
-    print(f"{name} {target} fp32 op counts: {json.dumps(counts)}")
     layers = ckpt.config.num_hidden_layers
     norms = counts["RMSNormalization"] + counts.get("SkipSimplifiedLayerNormalization", 0)
     assert norms == 2 * layers + 1 and counts["RotaryEmbedding"] == 2 * layers
@@ -68,6 +65,8 @@ def test_fused_fp16_tiny_top1_identical(tmp_path, target):
         assert (ours.argmax(-1) == ref.argmax(-1))[real].all()
         worst = max(worst, float(np.abs(ours - ref)[real].max()))
     print(f"tiny {target} fp16 fused: top-1 identical on every step, max |logit diff| {worst:.4g}")
+    # measured 0.0036 (trt) and 0.0043 (ort); fp16 steps by 0.0078 at |logits| 8..16, so this is ~2.5 such steps
+    assert worst < 0.02
 
 
 def test_manifest_records_every_pass(tmp_path):

@@ -37,7 +37,6 @@ def fuse_gqa(model: ir.Model, config=GQA, rotary_in_kernel: bool = False) -> dic
     assert ort_gqa.apply(model) == LAYERS
     pipeline._cleanup(model)
     counts = pipeline.op_counts(model)
-    print(f"after GroupQueryAttention: {counts}")
     assert counts["GroupQueryAttention"] == LAYERS and not {"Attention", "TensorScatter"} & set(counts)
     assert not [n for n in model.graph if n.op_type == "Concat" and n.outputs[0].is_graph_output()]  # no cache Concat
     assert "Transpose" not in counts  # the kernel reads [batch, seq, heads·head_dim] and rope rotates it so

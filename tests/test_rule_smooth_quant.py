@@ -90,7 +90,8 @@ def test_smoothquant_tiny_perplexity_within_three_percent(tmp_path, heldout_ids)
     print(f"tiny held-out ({heldout_ids.shape[1]} tokens): fp32 ppl {base:.3f}, SmoothQuant W8A8 (alpha 0.5, 2048 "
           f"calibration tokens) ppl {ppl:.3f} ({(ppl / base - 1) * 100:+.2f}%), top-1 agreement with fp32 "
           f"{(top1 == base_top1).mean():.4f}")
-    assert abs(ppl / base - 1) <= 0.03
+    assert abs(ppl / base - 1) <= 0.03  # measured +0.08%
+    assert (top1 == base_top1).mean() >= 0.88  # measured 0.915 of 1023 positions
     assert manifest["graph"]["weights"] == "int8 SmoothQuant W8A8 (alpha 0.5)"
     assert manifest["export"]["passes"][-1]["detail"] == "passed"  # the TensorRT check
 

@@ -56,6 +56,10 @@ def test_int8_tiny_perplexity_within_one_percent(tmp_path, heldout_ids, target):
           f"ppl {ppl:.3f} ({(ppl / base - 1) * 100:+.2f}%), top-1 agreement with fp32 {(top1 == base_top1).mean():.4f}, "
           f"weights {size(tmp_path / 'fp32') / 1e6:.1f} MB -> {size(tmp_path / 'int8') / 1e6:.1f} MB")
     assert abs(ppl / base - 1) <= 0.01
+    assert (top1 == base_top1).mean() >= 0.97  # measured 0.991 (trt), 0.988 (ort) of 1023 positions
+    # the projections take a quarter of their fp32 bytes (plus scales); the embedding table stays fp32:
+    # measured 20.2 → 8.3 MB (trt), 20.3 → 8.8 MB (ort)
+    assert size(tmp_path / "int8") <= 0.45 * size(tmp_path / "fp32")
 
 
 def dequantized_int4(w: np.ndarray, block: int = 32) -> np.ndarray:
@@ -109,7 +113,8 @@ def test_int4_tiny_perplexity(tmp_path, heldout_ids):
     ppl, top1 = perplexity(tmp_path / "int4", heldout_ids)
     print(f"tiny held-out ({heldout_ids.shape[1]} tokens), target ort: fp32 ppl {base:.3f}, int4 weight-only ppl "
           f"{ppl:.3f} ({(ppl / base - 1) * 100:+.2f}%), top-1 agreement with fp32 {(top1 == base_top1).mean():.4f}")
-    assert abs(ppl / base - 1) <= 0.1
+    assert abs(ppl / base - 1) <= 0.1  # measured +3.1%
+    assert (top1 == base_top1).mean() >= 0.85  # measured 0.880 of 1023 positions
 
 
 def test_int4_is_for_onnx_runtime_only(tmp_path):

@@ -419,4 +419,3 @@ def test_finished_rows_leave_the_batch(artifacts, tokenizer, flavour):
     assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
     running = [sum(len(r.tokens) + (r.finish_reason == "stop") > step for r in alone) for step in range(1, 24)]
     assert batches == [3] + [n for n in running if n > 0] and min(batches) < 3
-    print(f"{flavour}: batch size per step {batches}")

@@ -3,7 +3,6 @@ where either is absent. What is computed before TensorRT is tested on the CPU in
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -63,15 +62,12 @@ def test_tiny_engine_prefill_and_16_decode_steps_against_pytorch(engines, int8):
     artifact, ckpt = engines("tiny", "float16", int8)
     backend = open_backend(artifact, "trt")
     model = load_model(ckpt)
-    worst, agree, total = 0.0, 0, 0
+    agree, total = 0, 0
     for ours, ref, real in engine_steps(backend, model, ckpt.config):
         same = ours.argmax(-1) == ref.argmax(-1)
         agree, total = agree + int(same[real].sum()), total + int(real.sum())
-        worst = max(worst, float(np.abs(ours - ref)[real].max()))
         if not int8:
             assert same[real].all()
-    print(f"tiny TensorRT {'int8 weight-only' if int8 else 'fp16'} engine, prefill + 16 decode steps: max |logit "
-          f"diff| vs PyTorch fp32 {worst:.4g}, top-1 agreement {agree}/{total}")
     assert agree / total >= (0.9 if int8 else 1.0)
 
 
