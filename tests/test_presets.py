@@ -15,21 +15,45 @@ from exporter.presets import HF_REPOS, PRESET_NAMES, PRESETS, TINY_DIR, preset_c
 from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 
-# (hidden, intermediate, layers, heads, kv heads) from the published config.json files
-PUBLISHED = {"7b": (4096, 11008, 32, 32, 32), "13b": (5120, 13824, 40, 40, 40), "70b": (8192, 28672, 80, 64, 8)}
+# The config.json files of meta-llama/Llama-2-{7b,13b,70b}-hf (the -chat repositories publish the same shapes),
+# written out here independently of exporter/presets.py
+COMMON = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2,
+          "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 4096, "pretraining_tp": 1,
+          "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+          "use_cache": True, "vocab_size": 32000}
+PUBLISHED = {
+    "7b": {**COMMON, "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+           "num_hidden_layers": 32, "num_key_value_heads": 32},
+    "13b": {**COMMON, "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
+            "num_hidden_layers": 40, "num_key_value_heads": 40},
+    "70b": {**COMMON, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+            "num_hidden_layers": 80, "num_key_value_heads": 8},
+}
+# parameter counts Meta and Hugging Face publish for these checkpoints
+PUBLISHED_PARAMETERS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}
+
+
+def transformers_parameters(config: dict) -> int:
+    """transformers' own LlamaForCausalLM for a config.json, built on the meta device, its parameters counted."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", [n for n in PRESET_NAMES if n != "tiny"])
 def test_llama2_presets(name):
-    c = PRESETS[name]
     size = name.split("-")[0]
-    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads) == PUBLISHED[size]
-    assert (c.vocab_size, c.max_position_embeddings, c.rms_norm_eps, c.rope_theta) == (32000, 4096, 1e-5, 10000.0)
-    assert (c.head_dim, c.tie_word_embeddings, c.bos_token_id, c.eos_token_id) == (128, False, 1, 2)
+    ours = PRESETS[name].to_hf_dict()
+    assert {key: ours[key] for key in PUBLISHED[size]} == PUBLISHED[size]
+    assert ours["head_dim"] == 128 and ours["rope_theta"] == 10000.0  # transformers' defaults for these shapes
     assert HF_REPOS[name] == f"meta-llama/Llama-2-{size}{'-chat' if 'chat' in name else ''}-hf"
-    billions = {"7b": 6.74, "13b": 13.0, "70b": 69.0}[size]
-    assert abs(c.num_parameters() / 1e9 - billions) / billions < 0.01
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_parameter_count_equals_transformers(size):
+    assert PRESETS[size].num_parameters() == transformers_parameters(PUBLISHED[size]) == PUBLISHED_PARAMETERS[size]
 
 
 def test_tiny_is_a_trained_llama_on_held_out_text():
@@ -75,8 +99,20 @@ def test_unknown_model():
         resolve_checkpoint("8b")
 
 
-def test_tiny_config_is_read_from_assets():
-    assert preset_config("tiny") == resolve_checkpoint("tiny").config
+def test_tiny_config_equals_transformers_reading_of_it():
+    """Our reader of the built-in config.json against transformers' (an independent reader of the same file)."""
+    import transformers
+
+    theirs = transformers.LlamaConfig.from_pretrained(TINY_DIR)
+    ours = preset_config("tiny")
+    assert resolve_checkpoint("tiny").config == ours
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "attention_bias", "mlp_bias",
+                "pretraining_tp", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+    rope = getattr(theirs, "rope_parameters", None) or {"rope_theta": theirs.rope_theta}
+    assert ours.rope_theta == rope["rope_theta"]
+    assert ours.num_parameters() == transformers_parameters(theirs.to_dict())
 
 
 def test_random_weights_need_only_a_config_json(tmp_path):

@@ -43,8 +43,20 @@ def hard_strings() -> list[str]:
 STRINGS = hard_strings()
 
 
-def test_enough_hard_strings():
-    assert len(set(STRINGS)) >= 200
+def test_the_strings_reach_every_hard_path(llama_sp_model):
+    """The comparisons below mean something only if these strings take the paths where tokenizers differ: bytes
+    outside the vocabulary, special-token strings, and the spaces that legacy and non-legacy treat differently.
+    sentencepiece and transformers themselves say which strings do."""
+    from transformers import LlamaTokenizer as HFLlamaTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(llama_sp_model))
+    byte_fallback = [s for s in STRINGS if any(sp.is_byte(i) for i in sp.encode(s))]
+    legacy, modern = (HFLlamaTokenizer(str(llama_sp_model), legacy=flag) for flag in (True, False))
+    special = [s for s in STRINGS if set(legacy(s)["input_ids"][1:]) & {0, 1, 2}]
+    differ = [s for s in STRINGS if legacy(s)["input_ids"] != modern(s)["input_ids"]]
+    # today 252 distinct strings: 69 with byte pieces, 92 with special tokens, 56 where the two modes differ
+    assert len(set(STRINGS)) >= 200 and len(byte_fallback) >= 50 and len(special) >= 80 and len(differ) >= 40, \
+        (len(byte_fallback), len(special), len(differ))
 
 
 @pytest.mark.parametrize("legacy", [True, False])
