@@ -11,6 +11,7 @@ import sys
 import onnx
 import pytest
 
+from exporter import fused_attention
 from exporter.engine import ENGINE_FILE, record_engine, tensorrt_status
 from exporter.errors import ExportError
 from exporter.onnx_export import io_contract
@@ -240,3 +241,25 @@ def test_trt_backend_without_an_engine_says_how_to_build_it(trt_ready):
     result = subprocess.run([sys.executable, "-m", "runtime.cli", str(out), "--prompt", "x", "--backend", "trt"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "has no TensorRT engine; build it with: llama-build" in result.stderr
+
+
+def test_fused_attention_coverage():
+    """TensorRT's fused attention (developer guide, MHA fusion): fp16/bf16, head size 16..256 in multiples of 8,
+    compute capability 7.5+ (bf16 8.0+); everything else builds decomposable."""
+    assert fused_attention.uncovered("float16", TINY.head_dim) is None  # tiny: head size 32
+    assert fused_attention.uncovered("bfloat16", 128, (9, 0)) is None  # Llama 2 on an H100/H200
+    assert "no fused attention kernel for float32" in fused_attention.uncovered("float32", 128)
+    assert "this model's is 12" in fused_attention.uncovered("float16", 12)
+    assert "this model's is 260" in fused_attention.uncovered("float16", 260)
+    assert "this model's is 36" in fused_attention.uncovered("float16", 36)  # not a multiple of 8
+    assert "needs compute capability 8.0+, this GPU has 7.5" in fused_attention.uncovered("bfloat16", 128, (7, 5))
+    assert fused_attention.describe("float32", 32).endswith("building it decomposable (matmul, softmax, matmul as "
+                                                            "separate kernels: slower)")
+
+
+def test_build_cli_says_up_front_whether_attention_is_fused(trt_ready):
+    out, _ = trt_ready
+    dry = build_cli(str(out), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "attention: one fused TensorRT kernel per layer (float16, head size 32)" in dry.stderr
+    assert json.loads(dry.stdout)["attention_fused"] is True
