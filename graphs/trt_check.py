@@ -253,9 +253,9 @@ def _check_qdq(node, g: _Graph, opset: int):
             yield "qdq-scale-length", f"Invalid rank for the scale tensor. Rank = {len(scale_dims)}."
     zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if zero is not None:
-        tensor = g.constants.get(zero)
+        tensor = g.constants.get(zero)  # a computed zero point the parser takes as a tensor, unchecked
         values = g.value(zero)
-        if tensor is None or (values is None and g.base_dir is not None) or (values is not None and values.any()):
+        if values is not None and values.any():
             yield "qdq-zero-point", f"Non-zero zero point is not supported ({node.op_type} {zero!r}); quantize " \
                                     f"symmetrically"
         if tensor is not None and int(np.prod(list(tensor.dims) or [1])) != scale_size:
