@@ -121,7 +121,7 @@ def build_artifact(
         counts = None
         try:
             if dtype != "float32":
-                converted = pipeline.convert_precision(graph, dtype)
+                converted = pipeline.convert_precision(graph, dtype, target)
                 log(f"  {converted.name}: {converted.detail}")
                 passes.append(converted.as_dict())
             if optimize:

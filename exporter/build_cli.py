@@ -10,6 +10,7 @@ import click
 
 from runtime.artifact import Artifact, ArtifactError
 
+from . import fused_attention
 from .engine import EXIT_NO_TENSORRT, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .trt_profiles import limits, profiles
@@ -67,7 +68,9 @@ def main(directory, max_batch, max_input_len, max_seq_len, timing_cache, opt_lev
     1..max-seq-1; opt at the full batch and half the window). A static-cache graph gets one profile
     around its fixed cache (sequence 1..max-input, opt 1). The manifest records the TensorRT
     version, the GPU and its compute capability, the profiles, the engine's sha256 and the build
-    time; the engine and the manifest are replaced atomically.
+    time; the engine and the manifest are replaced atomically. Attention builds as one fused kernel per
+    layer for float16/bfloat16 with head sizes 16..256 (multiples of 8); any other artifact (float32) gets
+    decomposable attention (matmul, softmax, matmul: slower), and the command says so first.
 
     \b
     Examples:
@@ -82,8 +85,10 @@ def main(directory, max_batch, max_input_len, max_seq_len, timing_cache, opt_lev
         plan = profiles(graph, lim)
         click.echo(f"{directory}: {graph.get('weights', artifact.dtype)} {graph.get('flavour', 'portable')} "
                    f"graph; profiles:\n{_describe(plan)}", err=True)
+        click.echo(fused_attention.describe(artifact.dtype, artifact.head_dim), err=True)
         if dry_run:
-            click.echo(json.dumps({"limits": lim.as_dict(), "profiles": plan}))
+            fused = fused_attention.uncovered(artifact.dtype, artifact.head_dim) is None
+            click.echo(json.dumps({"limits": lim.as_dict(), "profiles": plan, "attention_fused": fused}))
             return
         status = tensorrt_status()
         if not status.usable:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from . import fused_attention
 from .checkpoint import truncate_layers
 from .cli_options import dtype_option, model_options
 from .engine import EXIT_NO_TENSORRT, build_command, build_engine, describe, tensorrt_status
@@ -163,6 +164,8 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
                        f"(prefill {result['prefill_max_abs_diff']:.3g}, decode {result['decode_max_abs_diff']:.3g}), "
                        f"top-1 {'identical' if result['top1_identical'] else 'DIFFERENT'}")
         click.echo(f"wrote {output} in {time.perf_counter() - started:.1f} s")
+        if target == "trt":
+            click.echo(fused_attention.describe(dtype, c.head_dim), err=True)
         if target == "trt" and build:
             if not status.usable:
                 click.echo(f"TensorRT engine not built: {status.reason}. {output} is ready for TensorRT; on a machine "

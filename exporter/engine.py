@@ -19,6 +19,7 @@ from typing import Callable
 
 from runtime.artifact import sha256
 
+from . import fused_attention
 from .errors import ExportError
 from .trt_profiles import Limits, SHAPE_TENSORS, profiles, to_polygraphy
 
@@ -119,6 +120,14 @@ def build_engine(directory: Path, manifest: dict, lim: Limits, *, timing_cache: 
     started = time.perf_counter()
     log(f"parsing {directory / graph['file']} into a strongly typed TensorRT {status.version} network")
     network = network_from_onnx_path(str(directory / graph["file"]), strongly_typed=True)
+    model_config = manifest["model"]["config"]
+    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // model_config["num_attention_heads"]
+    gpu = _gpu()
+    capability = tuple(int(x) for x in gpu["compute_capability"].split("."))
+    unfused = fused_attention.uncovered(manifest["dtype"], head_dim, capability)
+    if unfused:
+        marked = fused_attention.make_decomposable(network[1], trt)
+        log(f"{unfused}: {marked} attention layers marked decomposable")
     inputs = [network[1].get_input(i) for i in range(network[1].num_inputs)]
     shape_tensors = {t.name for t in inputs if t.is_shape_tensor and t.name in SHAPE_TENSORS}
     config = CreateConfig(
@@ -134,7 +143,8 @@ def build_engine(directory: Path, manifest: dict, lim: Limits, *, timing_cache: 
     engine = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
     seconds = time.perf_counter() - started
     info = {
-        "tensorrt_version": status.version, "gpu": _gpu(), "hardware_compatible": hardware_compatible,
+        "tensorrt_version": status.version, "gpu": gpu, "hardware_compatible": hardware_compatible,
+        "attention": {"fused": unfused is None, **({"why_not": unfused} if unfused else {})},
         "weight_streaming": weight_streaming, "builder_optimization_level": opt_level,
         "limits": lim.as_dict(), "profiles": plan, "shape_tensors": sorted(shape_tensors),
         "timing_cache": str(timing_cache), "build_seconds": round(seconds, 1),

@@ -153,26 +153,29 @@ def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: S
     return reports, counts
 
 
-def convert_precision(path: Path, dtype: str) -> PassReport:
+def convert_precision(path: Path, dtype: str, target: str = "onnx") -> PassReport:
     """Rewrite the float32 graph at `path` in place as `dtype` (`rules/precision.py`). Its weights must already
-    be stored in `dtype` (the export writes them so): only the graph file is rewritten, the data file is not."""
+    be stored in `dtype` (the export writes them so): only the graph file is rewritten, the data file is not.
+    For the trt target, `Attention` gets no `softmax_precision` (TensorRT's parser rejects the attribute)."""
     model = ir.load(str(path))
     external = [v.name for v in model.graph.initializers.values()
                 if isinstance(v.const_value, ir.ExternalTensor) and v.dtype == ir.DataType.FLOAT]
     if external:
         raise PassError(f"{path}: weights {external[:3]} are float32; the precision pass rewrites only the graph "
                         f"file, so its weights must already be {dtype}")
-    kept = precision.apply(model, dtype)
+    kept = precision.apply(model, dtype, softmax_precision=target != "trt")
     ir.save(model, str(path))
+    softmax = "softmax" if target != "trt" else "softmax left to TensorRT's fused attention"
     return PassReport(f"precision {dtype}", kept, f"{kept} fp32 islands kept (rope angles, RMSNorm statistics, "
-                                                 f"softmax, logits)")
+                                                 f"{softmax}, logits)")
 
 
 def check_target(path: Path, target: str) -> PassReport | None:
-    """The target's import rules (trt: TensorRT 11's ONNX parser), on the graph file without its weights."""
+    """The target's import rules (trt: TensorRT 11's ONNX parser), on the graph file; of the weights only the
+    Q/DQ scales and zero points are read."""
     if target != "trt":
         return None
-    problems = trt_check.check(onnx.load(str(path), load_external_data=False))
+    problems = trt_check.check(onnx.load(str(path), load_external_data=False), base_dir=path.parent)
     if problems:
         listed = "\n  ".join(str(p) for p in problems[:20])
         raise PassError(f"the trt graph breaks {len(problems)} TensorRT 11 parser rule(s):\n  {listed}")

@@ -59,6 +59,30 @@ def pick_profile(profiles: list[dict], batch: int, seq: int, past: int, rebuild:
                      f"prompt without past, or one token at a time after it")
 
 
+def cuda_graph_refusal(weight_streaming: bool, budget: int, streamable: int) -> str | None:
+    """Why a CUDA graph cannot be captured on this engine (None: it can). An engine whose weight-streaming
+    budget is below its streamable weights copies weights in during `enqueueV3`, which is then synchronous
+    and cannot be captured."""
+    if weight_streaming and 0 <= budget < streamable:
+        return (f"--cuda-graph cannot capture this engine: it streams weights (budget {budget} B of "
+                f"{streamable} B streamable), so each enqueue is synchronous; drop --cuda-graph, or rebuild without "
+                f"--weight-streaming on a GPU that holds the weights")
+    return None
+
+
+def expect(ok: bool, call: str, name: str, value: Any) -> None:
+    """Raise naming the tensor and what was asked, when a TensorRT setter returns False (it does not raise)."""
+    if not ok:
+        raise RuntimeError(f"TensorRT refused {call}({name!r}, {value}): outside the engine's profile or not one of "
+                           f"its tensors")
+
+
+def changed_bindings(captured: dict[tuple, Any], current: dict[tuple, Any]) -> list[tuple]:
+    """What was set on a context (("shape" | "address" | "keep", tensor) → value) since a CUDA graph was
+    captured on it: a captured graph replays only on the shapes and addresses it was captured at."""
+    return sorted(key for key in captured.keys() | current.keys() if captured.get(key) != current.get(key))
+
+
 @dataclass
 class TrtCache:
     """One request batch's cache on the GPU and how many positions it holds. Portable graphs: two buffers
@@ -102,6 +126,11 @@ class TrtBackend:
                              f"its message above); rebuild it with: {rebuild}")
         if record.get("weight_streaming"):  # keep on the GPU what TensorRT judges fits; stream the rest
             self.engine.weight_streaming_budget_v2 = self.engine.get_weight_streaming_automatic_budget()
+        if cuda_graph:
+            refusal = cuda_graph_refusal(bool(record.get("weight_streaming")), self.engine.weight_streaming_budget_v2,
+                                         self.engine.streamable_weights_size)
+            if refusal:
+                raise ValueError(f"{artifact.directory}: {refusal}")
         self.stream = torch.cuda.Stream(self.device)
         self.profiles, self.flavour = record["profiles"], artifact.flavour
         self.contexts = []
@@ -122,6 +151,7 @@ class TrtBackend:
                       for kind in ("key", "value")]
         self._keep = np.zeros((), np.int64)  # the host shape tensor; alive as long as the backend
         self._outputs: dict[int, Any] = {}
+        self._bound: dict[int, dict[tuple, Any]] = {id(c): {} for c in self.contexts}  # what is set, per context
 
     def empty_cache(self, batch: int) -> TrtCache:
         torch = self.torch
@@ -150,9 +180,17 @@ class TrtBackend:
                     new[0][:size].copy_(current.index_select(0, index).reshape(-1))
         return TrtCache(smaller.buffers, past.length, 0)
 
+    def _shape(self, context, name: str, shape: tuple) -> None:
+        expect(context.set_input_shape(name, shape), "set_input_shape", name, shape)
+        self._bound[id(context)]["shape", name] = shape
+
+    def _address(self, context, name: str, address: int, shape: tuple = ()) -> None:
+        expect(context.set_tensor_address(name, address), "set_tensor_address", name, f"shape {shape}")
+        self._bound[id(context)]["address", name] = address
+
     def _bind(self, context, name: str, tensor) -> None:
-        context.set_input_shape(name, tuple(tensor.shape))
-        context.set_tensor_address(name, tensor.data_ptr())
+        self._shape(context, name, tuple(tensor.shape))
+        self._address(context, name, tensor.data_ptr(), tuple(tensor.shape))
 
     def _inputs(self, context, feeds: dict[str, np.ndarray], keep: int) -> dict:
         """Copy the step's small inputs to the GPU and bind them; returns the tensors (alive until the run)."""
@@ -161,10 +199,11 @@ class TrtBackend:
             self._bind(context, name, tensor)
         if self.keep_on_host:
             self._keep[...] = keep
-            context.set_tensor_address(KEEP, self._keep.ctypes.data)
+            self._bound[id(context)]["keep", KEEP] = keep
+            self._address(context, KEEP, self._keep.ctypes.data)
         else:
             tensors[KEEP] = self.torch.tensor(keep, dtype=self.torch.int64, device=self.device)
-            context.set_tensor_address(KEEP, tensors[KEEP].data_ptr())
+            self._address(context, KEEP, tensors[KEEP].data_ptr())
         return tensors
 
     def _logits(self, context, batch: int, kept: int):
@@ -178,7 +217,7 @@ class TrtBackend:
         shape = tuple(context.get_tensor_shape("logits"))
         if shape != tuple(logits.shape):
             raise RuntimeError(f"the engine's logits are {shape}, expected {tuple(logits.shape)}")
-        context.set_tensor_address("logits", logits.data_ptr())
+        self._address(context, "logits", logits.data_ptr(), shape)
         return logits
 
     def _run(self, context) -> None:
@@ -202,9 +241,10 @@ class TrtBackend:
                                              "position_ids": position_ids}, logits_to_keep)
             src, dst = past.current, 1 - past.current
             for (past_name, present_name), pair in zip(self.names, past.buffers):
-                context.set_input_shape(past_name, (batch, self.kv_heads, past.length, self.head_dim))
-                context.set_tensor_address(past_name, pair[src].data_ptr())
-                context.set_tensor_address(present_name, pair[dst].data_ptr())
+                shape = (batch, self.kv_heads, past.length, self.head_dim)
+                self._shape(context, past_name, shape)
+                self._address(context, past_name, pair[src].data_ptr(), shape)
+                self._address(context, present_name, pair[dst].data_ptr(), shape)
             logits = self._logits(context, batch, kept)
             self._run(context)
             host = logits.cpu().numpy()  # waits for the stream
@@ -228,7 +268,22 @@ class TrtBackend:
     def _bind_cache(self, context, past: TrtCache) -> None:
         for (past_name, present_name), (buffer,) in zip(self.names, past.buffers):
             self._bind(context, past_name, buffer)
-            context.set_tensor_address(present_name, buffer.data_ptr())  # the output aliases its input
+            self._address(context, present_name, buffer.data_ptr(), tuple(buffer.shape))  # aliases its input
+
+    def _restore(self, context, tensors: dict, past: TrtCache, logits, keep: int) -> None:
+        """Set back on `context` the shapes and addresses a CUDA graph was captured with, so that the context
+        agrees with what the graph replays (TensorRT's state for the next enqueue included)."""
+        for name, tensor in tensors.items():
+            if name == KEEP:
+                self._address(context, KEEP, tensor.data_ptr())
+            else:
+                self._bind(context, name, tensor)
+        if self.keep_on_host:
+            self._keep[...] = keep
+            self._bound[id(context)]["keep", KEEP] = keep
+            self._address(context, KEEP, self._keep.ctypes.data)
+        self._bind_cache(context, past)
+        self._address(context, "logits", logits.data_ptr(), tuple(logits.shape))
 
     def _replay(self, context, feeds: dict[str, np.ndarray], past: TrtCache, keep: int, kept: int):
         """A decode step through a CUDA graph captured for this cache and batch (inputs copied in place)."""
@@ -243,8 +298,10 @@ class TrtBackend:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self._run(context)
-            past.graphs[key] = (graph, tensors, logits)
-        graph, tensors, logits = past.graphs[key]
+            past.graphs[key] = (graph, tensors, logits, dict(self._bound[id(context)]))
+        graph, tensors, logits, bound = past.graphs[key]
+        if changed_bindings(bound, self._bound[id(context)]):  # a prefill, another batch or cache ran here
+            self._restore(context, tensors, past, logits, keep)
         for name, array in feeds.items():
             tensors[name].copy_(torch.from_numpy(np.ascontiguousarray(array)), non_blocking=False)
         graph.replay()

@@ -72,6 +72,16 @@ def test_fp16_keeps_islands_in_fp32_and_matches_the_fp32_graph(tmp_path):
     assert keys <= 5e-3
 
 
+def test_trt_attention_gets_no_softmax_precision(tmp_path):
+    """TensorRT's parser refuses an Attention carrying softmax_precision at all (onnxOpCheckers.cpp,
+    DEFINE_OP_CHECKER(Attention)): for the trt target the pass leaves it off and changes nothing else."""
+    _, with_it, kept = converted(tmp_path, "float16")
+    without = ir.load(str(tmp_path / "traced" / "model.onnx"))
+    assert precision.apply(without, "float16", softmax_precision=False) == kept
+    assert not [n for n in without.graph if n.op_type == "Attention" and "softmax_precision" in n.attributes]
+    assert [n.op_type for n in without.graph] == [n.op_type for n in with_it.graph]
+
+
 def test_bf16_types_agree_with_every_operator(tmp_path):
     """As the export runs it: the pass on the trace, then the pipeline's cleanup (whose Split replaces the
     trace's SplitToSequence, which ONNX does not define for bfloat16)."""

@@ -23,6 +23,17 @@ def test_quantize_is_symmetric_per_output_channel():
     assert (np.abs(q * scale - w) <= scale / 2 + 1e-7).all()  # rounding error at most half a step per column
 
 
+def test_fp16_scales_of_tiny_columns_stay_positive():
+    """A column whose peak is below 127 × 6.1e-5 has a scale fp16 stores as a subnormal or 0, and TensorRT's
+    parser refuses a scale that is not > 0: fp16 scales are floored at the smallest normal fp16."""
+    w = np.array([[1e-7, 0.5], [-2e-7, 0.25]], np.float32)
+    assert weight_int8.scales(w).astype(np.float16)[0] == 0  # what an fp16 graph used to store
+    floor = weight_int8.SCALE_FLOOR[ir.DataType.FLOAT16]
+    q, scale = weight_int8.quantize(w, floor)
+    assert scale.astype(np.float16)[0] == np.finfo(np.float16).tiny and scale[1] == np.float32(0.5 / 127)
+    assert (np.abs(q * scale - w) <= scale / 2 + 1e-9).all()  # still W ≈ q × scale
+
+
 def test_qdq_and_matmulnbits_forms_agree(tmp_path):
     model = ir.load(str(traced(tmp_path / "traced")))
     pipeline._cleanup(model)

@@ -8,9 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
+from exporter import fused_attention
 from exporter.engine import ENGINE_FILE, record_engine, tensorrt_status
 from exporter.errors import ExportError
 from exporter.onnx_export import io_contract
@@ -19,7 +21,8 @@ from exporter.trt_profiles import Limits, limits, profiles, to_polygraphy
 from graphs import trt_check
 from runtime.artifact import Artifact, ArtifactError
 from runtime.backends import open_backend
-from runtime.trt_backend import engine_mismatch, pick_profile
+from runtime.trt_backend import (TrtBackend, TrtCache, changed_bindings, cuda_graph_refusal, engine_mismatch, expect,
+                                   pick_profile)
 from test_onnx_export import cli
 
 HERE = tensorrt_status()
@@ -240,3 +243,109 @@ def test_trt_backend_without_an_engine_says_how_to_build_it(trt_ready):
     result = subprocess.run([sys.executable, "-m", "runtime.cli", str(out), "--prompt", "x", "--backend", "trt"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "has no TensorRT engine; build it with: llama-build" in result.stderr
+
+
+def test_fused_attention_coverage():
+    """TensorRT's fused attention (developer guide, MHA fusion): fp16/bf16, head size 16..256 in multiples of 8,
+    compute capability 7.5+ (bf16 8.0+); everything else builds decomposable."""
+    assert fused_attention.uncovered("float16", TINY.head_dim) is None  # tiny: head size 32
+    assert fused_attention.uncovered("bfloat16", 128, (9, 0)) is None  # Llama 2 on an H100/H200
+    assert "no fused attention kernel for float32" in fused_attention.uncovered("float32", 128)
+    assert "this model's is 12" in fused_attention.uncovered("float16", 12)
+    assert "this model's is 260" in fused_attention.uncovered("float16", 260)
+    assert "this model's is 36" in fused_attention.uncovered("float16", 36)  # not a multiple of 8
+    assert "needs compute capability 8.0+, this GPU has 7.5" in fused_attention.uncovered("bfloat16", 128, (7, 5))
+    assert fused_attention.describe("float32", 32).endswith("building it decomposable (matmul, softmax, matmul as "
+                                                            "separate kernels: slower)")
+
+
+def test_build_cli_says_up_front_whether_attention_is_fused(trt_ready):
+    out, _ = trt_ready
+    dry = build_cli(str(out), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "attention: one fused TensorRT kernel per layer (float16, head size 32)" in dry.stderr
+    assert json.loads(dry.stdout)["attention_fused"] is True
+
+
+def test_cuda_graph_refused_while_weights_stream():
+    """An engine whose weight-streaming budget is below its streamable weights enqueues synchronously (weights are
+    copied in during enqueueV3), which a CUDA graph cannot capture."""
+    refusal = cuda_graph_refusal(True, budget=2 << 30, streamable=13 << 30)
+    assert refusal.startswith("--cuda-graph cannot capture this engine: it streams weights (budget 2147483648 B of "
+                              "13958643712 B streamable)")
+    assert cuda_graph_refusal(True, budget=13 << 30, streamable=13 << 30) is None  # everything resident
+    assert cuda_graph_refusal(False, budget=-1, streamable=0) is None  # no weight streaming
+
+
+class RefusingContext:
+    """What TensorRT's IExecutionContext does with a shape outside the profile or an unknown name: it returns False
+    (it does not raise). TensorRT cannot run here; this stands in for its two setters only."""
+
+    def set_input_shape(self, name, shape):
+        return shape[0] <= 4
+
+    def set_tensor_address(self, name, address):
+        return name != "nonexistent"
+
+
+def test_setter_results_are_checked_and_name_the_tensor():
+    with pytest.raises(RuntimeError, match=r"TensorRT refused set_input_shape\('input_ids', \(8, 1\)\)"):
+        expect(False, "set_input_shape", "input_ids", (8, 1))
+    expect(True, "set_input_shape", "input_ids", (1, 1))
+    backend = TrtBackend.__new__(TrtBackend)  # the backend's own binding methods, without an engine
+    context = RefusingContext()
+    backend._bound = {id(context): {}}
+    backend._shape(context, "input_ids", (4, 1))
+    with pytest.raises(RuntimeError, match=r"set_input_shape\('input_ids', \(5, 1\)\)"):
+        backend._shape(context, "input_ids", (5, 1))
+    with pytest.raises(RuntimeError, match=r"set_tensor_address\('nonexistent', shape \(2, 3\)\)"):
+        backend._address(context, "nonexistent", 1234, (2, 3))
+    assert backend._bound[id(context)] == {("shape", "input_ids"): (4, 1)}  # what TensorRT accepted, only
+
+
+def test_a_captured_graph_replays_only_on_its_bindings():
+    captured = {("shape", "input_ids"): (2, 1), ("address", "input_ids"): 100, ("keep", "logits_to_keep"): 1}
+    assert changed_bindings(captured, dict(captured)) == []
+    after_prefill = {**captured, ("shape", "input_ids"): (2, 7), ("address", "input_ids"): 200}
+    assert changed_bindings(captured, after_prefill) == [("address", "input_ids"), ("shape", "input_ids")]
+    assert changed_bindings(captured, {**captured, ("keep", "logits_to_keep"): 0}) == [("keep", "logits_to_keep")]
+
+
+class RecordingContext:
+    """Accepts every shape and address and remembers the last of each (as an IExecutionContext holds them)."""
+
+    def __init__(self):
+        self.shapes, self.addresses = {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+
+def test_replay_after_a_prefill_sets_the_captured_bindings_back():
+    """The backend's own binding code on CPU tensors: a decode step's bindings (what a CUDA graph is captured at),
+    then a prefill on the same context, then `_restore`, which the replay calls when the bindings differ."""
+    import torch
+
+    backend = TrtBackend.__new__(TrtBackend)
+    backend.torch, backend.device, backend.keep_on_host = torch, torch.device("cpu"), True
+    backend._keep, backend.names = np.zeros((), np.int64), [("past_key_values.0.key", "present.0.key")]
+    context = RecordingContext()
+    backend._bound = {id(context): {}}
+    past = TrtCache([[torch.zeros(2, 4, 64, 32)]], 5)
+    decode = {"input_ids": np.zeros((2, 1), np.int64), "write_indices": np.array([5, 5])}
+    tensors = backend._inputs(context, decode, 1)
+    backend._bind_cache(context, past)
+    logits = torch.empty(2, 1, 8)
+    backend._address(context, "logits", logits.data_ptr(), (2, 1, 8))
+    captured, shapes, addresses = dict(backend._bound[id(context)]), dict(context.shapes), dict(context.addresses)
+    backend._inputs(context, {"input_ids": np.zeros((2, 7), np.int64), "write_indices": np.array([0, 0])}, 0)
+    assert changed_bindings(captured, backend._bound[id(context)]) == [
+        ("address", "input_ids"), ("address", "write_indices"), ("keep", "logits_to_keep"), ("shape", "input_ids")]
+    backend._restore(context, tensors, past, logits, 1)
+    assert changed_bindings(captured, backend._bound[id(context)]) == []
+    assert context.shapes == shapes and context.addresses == addresses and int(backend._keep) == 1

@@ -7,7 +7,10 @@ Every float32 tensor becomes the target type — graph inputs (the caches), acti
 - the RMSNorm statistics: Pow → ReduceMean → Add ε → Sqrt → Reciprocal → Mul x (fp16 squares overflow
   past 256), and a fused `RMSNormalization` gets `stash_type` 1; a standalone Softmax;
 - the logits: the last projection's result is cast to a float32 `logits` output.
-Standard `Attention` is asked for an fp32 softmax (`softmax_precision`). A weight that is already stored
+Standard `Attention` is asked for an fp32 softmax (`softmax_precision`), except for TensorRT, whose ONNX
+parser refuses any Attention that carries the attribute (onnx-tensorrt `onnxOpCheckers.cpp`,
+`DEFINE_OP_CHECKER(Attention)`); its fused attention kernels accumulate Q·Kᵀ and the softmax in fp32 on
+their own (docs/tensorrt.md, "fp16 attention"). A weight that is already stored
 in the target type is kept as it is (the export streams weights in their final type into the fp32 trace);
 an fp32 weight is converted lazily, while the model is saved, with values beyond the type's range
 saturated to its largest finite value (a mask's "lowest" bias stays finite).
@@ -110,9 +113,10 @@ def _converted(tensor: ir.TensorProtocol, dtype: ir.DataType) -> ir.TensorProtoc
     return ir.LazyTensor(convert, dtype=dtype, shape=tensor.shape, name=tensor.name)
 
 
-def apply(model: ir.Model, dtype_name: str) -> int:
+def apply(model: ir.Model, dtype_name: str, softmax_precision: bool = True) -> int:
     """Convert the float32 graph to `dtype_name` (float16 or bfloat16); returns how many fp32 islands
-    (rope angles, RMSNorm statistics, softmax, logits) were kept."""
+    (rope angles, RMSNorm statistics, softmax, logits) were kept. `softmax_precision=False` leaves
+    `Attention` without the attribute (the trt target: TensorRT's parser rejects it)."""
     if dtype_name not in TARGETS:
         raise ValueError(f"cannot convert to {dtype_name!r}; use one of {', '.join(TARGETS)}")
     dtype = TARGETS[dtype_name]
@@ -144,7 +148,7 @@ def apply(model: ir.Model, dtype_name: str) -> int:
         elif node.op_type in ("Constant", "ConstantOfShape") and "value" in attributes \
                 and attributes["value"].value.dtype == FLOAT:
             attributes["value"] = ir.AttrTensor("value", _converted(attributes["value"].value, dtype))
-        elif node.op_type == "Attention" and node.domain == "":
+        elif node.op_type == "Attention" and node.domain == "" and softmax_precision:
             attributes["softmax_precision"] = ir.AttrInt64("softmax_precision", FLOAT)
         elif node.op_type == "RMSNormalization" and node.domain == "":
             attributes["stash_type"] = ir.AttrInt64("stash_type", FLOAT)

@@ -73,6 +73,7 @@ def _folds_into(x: ir.Value, readers: list[ir.Node]) -> tuple[str, ir.Value, sli
 def _activation_qdq(graph: ir.Graph, node: ir.Node, x: ir.Value, scale: float) -> None:
     dtype = x.dtype
     name = node.inputs[1].name
+    scale = max(scale, weight_int8.SCALE_FLOOR.get(dtype, 0.0))  # an fp16 scale must not round to 0
     s = add_initializer(graph, f"{name}.input_scale", ir.tensor(np.array(scale, dtype.numpy())))
     zero = add_initializer(graph, f"{name}.input_zero_point", ir.tensor(np.array(0, np.int8)))
     q = ir.node("QuantizeLinear", [x, s, zero], name=f"{name}/QuantizeLinear_input")

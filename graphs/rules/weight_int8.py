@@ -37,17 +37,23 @@ def _row_blocks(w: np.ndarray, block_bytes: int = 32 << 20):
         yield start, w[start:start + rows].astype(np.float32)
 
 
-def scales(w: np.ndarray) -> np.ndarray:
-    """float32 scale [N]: max_k |W[k, n]| / 127 (1 for an all-zero column)."""
+# The smallest scale a type stores as a normal number. An fp16 scale of a column of tiny weights (peak below
+# 127 × 6.1e-5) would round to a subnormal or to 0, and TensorRT's parser refuses a scale that is not > 0
+# (onnx-tensorrt `QuantDequantLinearHelper`): such columns are quantized on this floor instead.
+SCALE_FLOOR = {ir.DataType.FLOAT16: float(np.finfo(np.float16).tiny)}
+
+
+def scales(w: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """float32 scale [N]: max_k |W[k, n]| / 127, at least `floor` (1 for an all-zero column)."""
     peak = np.zeros(w.shape[1], np.float32)
     for _, block in _row_blocks(w):
         np.maximum(peak, np.abs(block).max(axis=0), out=peak)
-    return np.where(peak == 0, 1.0, peak / 127.0).astype(np.float32)
+    return np.where(peak == 0, 1.0, np.maximum(peak / 127.0, floor)).astype(np.float32)
 
 
-def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize(w: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(int8 q [K, N], float32 scale [N]) with W ≈ q * scale."""
-    scale = scales(w)
+    scale = scales(w, floor)
     q = np.empty(w.shape, np.int8)
     for start, block in _row_blocks(w):
         q[start:start + len(block)] = np.clip(np.rint(block / scale), -127, 127)
@@ -73,10 +79,12 @@ def qdq(graph: ir.Graph, node: ir.Node, w: ir.Value, read: Callable[[Callable], 
     t = w.const_value
     read = read or (lambda fn: read_weight(t, fn))
     k, n = w.shape
+    floor = SCALE_FLOOR.get(t.dtype, 0.0)
     q = add_initializer(graph, f"{w.name}.int8", ir.LazyTensor(
-        lambda: ir.tensor(read(quantize)[0]), dtype=ir.DataType.INT8, shape=ir.Shape([k, n])))
+        lambda: ir.tensor(read(lambda a: quantize(a, floor))[0]), dtype=ir.DataType.INT8, shape=ir.Shape([k, n])))
     scale = add_initializer(graph, f"{w.name}.scale", ir.LazyTensor(  # one read pass, no quantizing
-        lambda: ir.tensor(read(scales).astype(t.dtype.numpy())), dtype=t.dtype, shape=ir.Shape([n])))
+        lambda: ir.tensor(read(lambda a: scales(a, floor)).astype(t.dtype.numpy())), dtype=t.dtype,
+        shape=ir.Shape([n])))
     dq = ir.node("DequantizeLinear", [q, scale], attributes={"axis": 1}, name=f"{w.name}/DequantizeLinear")
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(t.dtype), ir.Shape([k, n])
     graph.insert_before(node, dq)
