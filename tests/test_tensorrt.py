@@ -21,8 +21,8 @@ from exporter.trt_profiles import Limits, limits, profiles, to_polygraphy
 from graphs import trt_check
 from runtime.artifact import Artifact, ArtifactError
 from runtime.backends import open_backend
-from runtime.trt_backend import (TrtBackend, TrtCache, changed_bindings, cuda_graph_refusal, engine_mismatch, expect,
-                                   pick_profile)
+from runtime.backends.trt import (TrtBackend, TrtCache, changed_bindings, cuda_graph_refusal, engine_mismatch, expect,
+                                  pick_profile)
 from test_onnx_export import cli
 
 HERE = tensorrt_status()

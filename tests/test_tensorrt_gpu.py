@@ -148,7 +148,7 @@ def test_cuda_graph_decode_gives_the_same_tokens(engines):
 
 def test_cuda_graph_replay_after_another_prefill_on_the_context(engines):
     """Cache A decodes through captured graphs; cache B's prefill then rebinds the one context; A's next replay
-    sets A's bindings back first (runtime/trt_backend.py `_restore`), and gives the plain backend's logits."""
+    sets A's bindings back first (runtime/backends/trt.py `_restore`), and gives the plain backend's logits."""
     artifact, _ = engines("tiny", "float16", max_seq=128)
     plain, graphed = open_backend(artifact, "trt"), open_backend(artifact, "trt", cuda_graph=True)
     ids, mask, pos = padded_batch(artifact.config["vocab_size"])
