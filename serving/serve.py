@@ -85,14 +85,18 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
         model = openai_model or names[0]
         if model not in names:
             _fail(f"--model {model}: the repository has {', '.join(names)}", 2)
-        tokenizer = None
+        tokenizer = window = None
         if openai_port is not None:
+            from runtime.artifact import Artifact, ArtifactError
             from runtime.tokenizer import LlamaTokenizer
 
-            tokenizer_path = artifact_of(repo, model) / "tokenizer.model"
-            if not tokenizer_path.is_file():
-                _fail(f"{tokenizer_path}: missing; the OpenAI endpoint tokenizes with the served artifact's tokenizer", 2)
-            tokenizer = LlamaTokenizer(tokenizer_path)
+            try:  # the OpenAI endpoint tokenizes with the served artifact's tokenizer
+                artifact = Artifact.open(artifact_of(repo, model), check_hashes=False)
+            except ArtifactError as err:
+                _fail(f"--openai: {err}", 2)
+            if artifact.tokenizer_path is None:
+                _fail(f"--openai: {artifact.directory} has no tokenizer.model", 2)
+            tokenizer, window = LlamaTokenizer(artifact.tokenizer_path), artifact.max_length
         server = TritonServer(repo, log_path or workdir / "tritonserver.log", host, http_port, grpc_port, metrics_port)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -113,7 +117,7 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
         if openai_port is not None:
             from .openai_frontend import make_server
 
-            openai_server, port = make_server(e.grpc_url, model, tokenizer, host, openai_port)
+            openai_server, port = make_server(e.grpc_url, model, tokenizer, window, host, openai_port)
             endpoints["openai"] = f"http://{host}:{port}/v1"
         if as_json:
             click.echo(json.dumps(endpoints), nl=True)
