@@ -146,9 +146,12 @@ class Frontend:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                     prompt = prompt[0]
-                if not isinstance(prompt, str) or not prompt:
-                    raise BadRequest("prompt must be one non-empty string", "prompt")
-                ids = self.tokenizer.encode(prompt)
+                if isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
+                    ids = prompt  # token ids, as OpenAI's API allows
+                elif isinstance(prompt, str) and prompt:
+                    ids = self.tokenizer.encode(prompt)
+                else:
+                    raise BadRequest("prompt must be one non-empty string or a list of token ids", "prompt")
                 default_max = COMPLETIONS_DEFAULT_MAX_TOKENS
             inputs = self.inputs(ids, body, default_max)
             stream = bool(body.get("stream", False))
