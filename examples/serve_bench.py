@@ -58,18 +58,14 @@ def triton_stream(url: str, model: str):
     """A function(ids, new_tokens) -> list of (time, tokens) per response, over one gRPC stream per client."""
     import tritonclient.grpc as grpcclient
 
+    from serving.client import infer_inputs, is_final
+
     client = grpcclient.InferenceServerClient(url)
     got: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put((time.perf_counter(), result, error)))
 
     def run(ids, new_tokens):
-        inputs = []
-        for name, array, dtype in [("input_ids", np.asarray(ids, np.int64), "INT64"),
-                                   ("max_tokens", np.asarray([new_tokens], np.int32), "INT32"),
-                                   ("stream", np.asarray([True]), "BOOL")]:
-            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
+        inputs = infer_inputs(grpcclient, input_ids=ids, max_tokens=new_tokens, stream=True)
         client.async_stream_infer(model, inputs, enable_empty_final_response=True)
         marks = []
         while True:
@@ -79,7 +75,7 @@ def triton_stream(url: str, model: str):
             tokens = result.as_numpy("token_ids")
             if tokens is not None and tokens.size:
                 marks.append((t, int(tokens.size)))
-            if result.get_response().parameters["triton_final_response"].bool_param:
+            if is_final(result):
                 return marks
     run.close = lambda: (client.stop_stream(), client.close())
     return run

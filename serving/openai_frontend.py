@@ -14,13 +14,14 @@ import secrets
 import time
 import uuid
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from runtime.chat import ChatFormatError, chat_prompt_ids
+
+from .client import infer_inputs
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the window
 
@@ -69,7 +70,7 @@ class Frontend:
         return self._client
 
     def inputs(self, ids: list[int], body: dict, default_max_tokens: int):
-        from tritonclient.grpc import InferInput
+        import tritonclient.grpc
 
         if body.get("n", 1) != 1:
             raise BadRequest("n must be 1: this server returns one choice per request", "n")
@@ -77,21 +78,10 @@ class Frontend:
         if max_tokens is None:
             max_tokens = _number(body, "max_completion_tokens", int, default_max_tokens)
         seed = _number(body, "seed", int, None)
-        values = {"input_ids": (np.asarray(ids, np.int64), "INT64"),
-                  "max_tokens": (np.asarray([max_tokens], np.int32), "INT32"),
-                  "stream": (np.asarray([True]), "BOOL"),
-                  "temperature": (np.asarray([_number(body, "temperature", float, 1.0)], np.float32), "FP32"),
-                  "top_p": (np.asarray([_number(body, "top_p", float, 1.0)], np.float32), "FP32"),
-                  "seed": (np.asarray([secrets.randbelow(2**31) if seed is None else seed], np.uint64), "UINT64")}
-        stops = _stops(body)
-        if stops:
-            values["stop"] = (np.asarray([s.encode() for s in stops], dtype=np.object_), "BYTES")
-        inputs = []
-        for name, (array, dtype) in values.items():
-            tensor = InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
+        return infer_inputs(tritonclient.grpc, input_ids=ids, max_tokens=max_tokens, stream=True,
+                            temperature=_number(body, "temperature", float, 1.0),
+                            top_p=_number(body, "top_p", float, 1.0),
+                            seed=secrets.randbelow(2**31) if seed is None else seed, stop=_stops(body) or None)
 
     async def generate(self, inputs):
         """(text, new token count, finish_reason or None) per Triton response, over one gRPC stream."""

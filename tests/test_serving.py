@@ -22,6 +22,7 @@ import pytest
 import serving
 from runtime.chat import chat_prompt_ids
 from runtime.sampling import SamplingParams
+from serving.client import infer_inputs, is_final
 from serving.repository import write_repository
 from serving_helpers import SHM, WINDOW, Reference, Served, export_tiny_static, pid_alive, sse_events
 
@@ -73,13 +74,7 @@ def grpc_stream(served, prompt: str, max_tokens: int, cancel_after: int | None =
     client = grpcclient.InferenceServerClient(served.endpoints["grpc"])
     got: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put((result, error)))
-    inputs = []
-    for name, array, dtype in [("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
-                               ("max_tokens", np.array([max_tokens], np.int32), "INT32"),
-                               ("stream", np.array([True]), "BOOL")]:
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
+    inputs = infer_inputs(grpcclient, text_input=prompt, max_tokens=max_tokens, stream=True)
     client.async_stream_infer(model, inputs, enable_empty_final_response=True)
     responses = []
     try:
@@ -89,7 +84,7 @@ def grpc_stream(served, prompt: str, max_tokens: int, cancel_after: int | None =
             responses.append(result)
             if cancel_after is not None and len(responses) >= cancel_after:
                 return responses
-            if result.get_response().parameters["triton_final_response"].bool_param:
+            if is_final(result):
                 return responses
     finally:
         client.stop_stream(cancel_requests=cancel_after is not None)
@@ -229,11 +224,10 @@ def test_wrong_dtype_is_named(served):
     client = grpcclient.InferenceServerClient(served.endpoints["grpc"])
     got: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put(error))
-    text = grpcclient.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"Hi"], dtype=np.object_))
-    max_tokens = grpcclient.InferInput("max_tokens", [1], "FP32")
+    max_tokens = grpcclient.InferInput("max_tokens", [1], "FP32")  # the model declares INT32
     max_tokens.set_data_from_numpy(np.array([4.0], np.float32))
-    client.async_stream_infer("llama", [text, max_tokens], enable_empty_final_response=True)
+    client.async_stream_infer("llama", [*infer_inputs(grpcclient, text_input="Hi"), max_tokens],
+                              enable_empty_final_response=True)
     error = got.get(timeout=30)
     client.stop_stream()
     client.close()
@@ -349,3 +343,13 @@ def test_model_that_cannot_load_ends_llama_serve_with_the_reason(artifact, tmp_p
     assert "model.onnx.data: 1000 bytes, the manifest says" in r.stderr and "broken" in r.stderr
     assert time.monotonic() - start < 60
     assert not set(glob.glob(SHM)) - shm_before
+
+
+def test_example_client_streams_the_chat_answer_over_grpc_and_sse(served, reference):
+    want = reference("[INST] What is a tuple? [/INST]", 30).text
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "examples" / "triton_client.py"),
+                        "What is a tuple?", "--http", served.http, "--grpc", served.endpoints["grpc"],
+                        "--max-tokens", "30"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (f"--- gRPC ({served.endpoints['grpc']})\n{want}\n"
+                        f"--- HTTP SSE ({served.http})\n{want}\n")
