@@ -5,6 +5,7 @@ PORT` an OpenAI-compatible endpoint in this process, forwarding to the server ov
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -97,7 +98,9 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
             if artifact.tokenizer_path is None:
                 _fail(f"--openai: {artifact.directory} has no tokenizer.model", 2)
             tokenizer, window = LlamaTokenizer(artifact.tokenizer_path), artifact.max_length
-        server = TritonServer(repo, log_path or workdir / "tritonserver.log", host, http_port, grpc_port, metrics_port)
+        own_log = log_path is None  # kept when something goes wrong, removed after a clean stop
+        log_path = log_path or Path(tempfile.gettempdir()) / f"llama-serve-{os.getpid()}.log"
+        server = TritonServer(repo, log_path, host, http_port, grpc_port, metrics_port)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -127,6 +130,8 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
                     click.echo(f"{key:16} {endpoints[key]}")
         sys.stdout.flush()
         code = serve_until_stopped(server, openai_server, stop)
+        if code == 0 and own_log:
+            log_path.unlink(missing_ok=True)
         sys.exit(code)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

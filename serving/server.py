@@ -86,7 +86,8 @@ def _mapped_paths() -> set[str]:
 def reason_from_log(text: str) -> str:
     """The server's own words for a failed start: its error lines, else its last lines."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.match(r"^E\d{4} ", ln) or "failed to load" in ln or "UNAVAILABLE" in ln]
+    errors = [ln for ln in lines if (re.match(r"^E\d{4} ", ln) or "failed to load" in ln or "UNAVAILABLE" in ln)
+              and "CudaDriverHelper" not in ln]  # that one is said on every CPU-only start
     picked = errors or lines[-15:]
     return "\n".join(picked[-15:]) if picked else "(the server wrote nothing)"
 

@@ -353,3 +353,24 @@ def test_example_client_streams_the_chat_answer_over_grpc_and_sse(served, refere
     assert r.returncode == 0, r.stderr
     assert r.stdout == (f"--- gRPC ({served.endpoints['grpc']})\n{want}\n"
                         f"--- HTTP SSE ({served.http})\n{want}\n")
+
+
+def test_a_stub_that_cannot_start_ends_in_the_timeout_not_a_hang(artifact, tmp_path):
+    """A model environment whose activate script fails: the Python stub never starts and tritonserver would wait
+    forever; llama-serve stops it at --timeout with the reason, leaving no process and no /dev/shm segment."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "activate").write_text("exit 3\n")
+    target = write_repository(artifact, tmp_path / "repo", "llama")
+    config = text_format.Parse((target / "config.pbtxt").read_text(), mc.ModelConfig())
+    config.parameters["EXECUTION_ENV_PATH"].string_value = str(env)
+    (target / "config.pbtxt").write_text(text_format.MessageToString(config))
+    shm_before = set(glob.glob(SHM))
+    start = time.monotonic()
+    r = run_cli("llama-serve", tmp_path / "repo", "--timeout", "6")
+    assert r.returncode == 1 and "tritonserver was not ready within 6 s" in r.stderr
+    assert time.monotonic() - start < 6 + 20
+    assert not set(glob.glob(SHM)) - shm_before
