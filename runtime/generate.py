@@ -13,21 +13,62 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .sampling import SamplingParams, sample
-from .tokenizer import LlamaTokenizer
+from .tokenizer import LlamaTokenizer, StreamDecoder
 
 
 class GenerationError(ValueError):
     pass
 
 
+def check_request(prompt_tokens: int, max_new_tokens: int, max_length: int, stop_strings: Sequence[str],
+                  error: type[ValueError] = GenerationError) -> None:
+    """Refuse, with the numbers, a request that cannot run: a prompt that fills the window, max_new_tokens < 1 or
+    past the window, an empty stop string."""
+    if prompt_tokens >= max_length:
+        raise error(f"a prompt has {prompt_tokens} tokens; the context window is {max_length}, leaving no room to "
+                    f"generate — shorten the prompt")
+    if any(not s for s in stop_strings):
+        raise error("a stop string is empty; give at least one character of text to stop at")
+    if max_new_tokens < 1:
+        raise error(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if prompt_tokens + max_new_tokens > max_length:
+        raise error(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context window "
+                    f"of {max_length}; lower max_new_tokens to {max_length - prompt_tokens} or less")
+
+
 @dataclass
 class Row:
-    """One prompt's state during generation."""
+    """One prompt's state during generation: its tokens and text so far, decoded incrementally (never half a
+    character), and why it finished. Shared by `Generation` and the in-flight batcher (`runtime.inflight`)."""
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stream: StreamDecoder | None = field(default=None, repr=False)
+
+    def start(self, tokenizer: LlamaTokenizer) -> None:
+        """The prompt goes through the stream decoder first, so that the first new piece keeps its space."""
+        self.stream = tokenizer.stream()
+        for token in self.prompt:
+            self.stream.push(token)
+
+    def advance(self, token: int, stops: set[int], stop_strings: Sequence[str], max_new_tokens: int) -> str:
+        """Record one sampled token; the text it adds. A stop id ends the row without being kept; a stop string
+        ends it with the text cut before the string; the `max_new_tokens`-th token ends it for "length"."""
+        if token in stops:
+            self.finish_reason = "stop"
+            delta = self.stream.flush()
+        else:
+            self.tokens.append(token)
+            delta = self.stream.push(token)
+            hit = next((s for s in stop_strings if s in self.text + delta), None)
+            if hit:
+                delta, self.finish_reason = (self.text + delta)[len(self.text):(self.text + delta).index(hit)], "stop"
+            elif len(self.tokens) == max_new_tokens:
+                delta, self.finish_reason = delta + self.stream.flush(), "length"
+        self.text += delta
+        return delta
 
 
 @dataclass(frozen=True)
@@ -71,44 +112,17 @@ class Generation:
         prompts = [list(p) for p in prompts]
         if not prompts or any(not p for p in prompts):
             raise GenerationError("a prompt is empty; give at least one token of text")
-        longest = max(len(p) for p in prompts)
-        if longest >= max_length:
-            raise GenerationError(f"a prompt has {longest} tokens; the context window is {max_length}, leaving no "
-                                  f"room to generate — shorten the prompt")
-        if any(not s for s in stop_strings):
-            raise GenerationError("a stop string is empty; give at least one character of text to stop at")
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        if longest + max_new_tokens > max_length:
-            raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                                  f"context window of {max_length}; lower max_new_tokens to "
-                                  f"{max_length - longest} or less")
+        check_request(max(len(p) for p in prompts), max_new_tokens, max_length, stop_strings)
         self.backend, self.tokenizer, self.params = backend, tokenizer, params
         self.max_new_tokens, self.stop_strings = max_new_tokens, tuple(stop_strings)
         self.stops = {tokenizer.eos_id, *stop_token_ids}
         self.seqs = [Row(p) for p in prompts]
         self.results: list[Result] = []
 
-    def _advance(self, seq: Row, stream, token: int) -> str:
-        """Record one sampled token for one row; the text it adds."""
-        if token in self.stops:
-            seq.finish_reason = "stop"
-            delta = stream.flush()
-        else:
-            seq.tokens.append(token)
-            delta = stream.push(token)
-            hit = next((s for s in self.stop_strings if s in seq.text + delta), None)
-            if hit:
-                delta, seq.finish_reason = (seq.text + delta)[len(seq.text):(seq.text + delta).index(hit)], "stop"
-        seq.text += delta
-        return delta
-
     def __iter__(self) -> Iterator[list[str]]:
         seqs, rng = self.seqs, np.random.default_rng(self.params.seed)
-        streams = [self.tokenizer.stream() for _ in seqs]
-        for seq, stream in zip(seqs, streams):  # the prompt first, so the first new piece keeps its space
-            for token in seq.prompt:
-                stream.push(token)
+        for seq in seqs:
+            seq.start(self.tokenizer)
         logits, past, mask, last_pos = prefill(self.backend, [s.prompt for s in seqs])
         active = list(range(len(seqs)))  # the sequence behind each row of the backend's batch
         for step in range(self.max_new_tokens):
@@ -118,12 +132,7 @@ class Generation:
             deltas = [""] * len(seqs)
             for i, token in zip(active, tokens):
                 if not seqs[i].finish_reason:
-                    deltas[i] = self._advance(seqs[i], streams[i], int(token))
-            if step + 1 == self.max_new_tokens:
-                for i in active:
-                    if not seqs[i].finish_reason:
-                        rest = streams[i].flush()
-                        seqs[i].text, deltas[i], seqs[i].finish_reason = seqs[i].text + rest, deltas[i] + rest, "length"
+                    deltas[i] = seqs[i].advance(int(token), self.stops, self.stop_strings, self.max_new_tokens)
             yield deltas
             if all(s.finish_reason for s in seqs):
                 break

@@ -112,6 +112,15 @@ def llama_sp_model() -> Path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The runtime's tokenizer on the trained `tiny` preset's sentencepiece model."""
+    from exporter.presets import TINY_DIR
+    from runtime.tokenizer import LlamaTokenizer
+
+    return LlamaTokenizer(TINY_DIR / "tokenizer.model")
+
+
 @pytest.fixture(scope="session")
 def heldout_ids():
     """1024 tokens of the trained `tiny` preset's held-out text, [1, 1024]."""

@@ -19,18 +19,12 @@ from runtime.backends import OrtBackend, StaticOrtBackend, open_backend
 from runtime.generate import Generation, GenerationError, generate
 from runtime.hugepages import huge_pages_state
 from runtime.sampling import SamplingParams, filtered_probs, sample
-from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, transformers_model
 
 CONFIGS = {"mha": small_config(vocab_size=4096, max_position_embeddings=128),  # head_dim 16 (and gqa)
            "gqa": small_config(vocab_size=4096, max_position_embeddings=128, hidden_size=128, num_attention_heads=8,
                                num_key_value_heads=2)}
 PROMPTS = ["A list comprehension", "The tutorial explains how", "Hello"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return LlamaTokenizer(TINY_DIR / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")

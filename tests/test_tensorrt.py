@@ -19,7 +19,7 @@ from exporter.trt_profiles import Limits, limits, profiles, to_polygraphy
 from graphs import trt_check
 from runtime.artifact import Artifact, ArtifactError
 from runtime.backends import open_backend
-from runtime.trt_backend import engine_mismatch, pick_profile
+from runtime.backends.trt import engine_mismatch, pick_profile
 from test_onnx_export import cli
 
 HERE = tensorrt_status()

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import Artifact
-from .backends import static_feed
+from ..artifact import Artifact
+from .feeds import static_feed
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 KEEP = "logits_to_keep"

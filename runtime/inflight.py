@@ -1,0 +1,407 @@
+"""In-flight batching: requests join and leave the running batch at every step.
+
+`InflightBatcher` keeps a fixed pool of cache slots over a static-cache artifact (`--kv-cache static`): one
+sequence per row of the `[slots, kv_heads, max_sequence_length, head_dim]` buffers, each at its own length (the
+backend's `SlotCache` keeps every row's length and mask). Its own thread runs the loop; each step:
+
+1. cancelled rows leave;
+2. admission: waiting requests take free slots in arrival order and are prefilled **alone**, one after the
+   other (batch 1, the whole prompt, written straight into the slot's rows of the shared buffers), while this
+   step's prefilled prompt tokens stay within `prefill_tokens_per_step` (the first one always goes: a prompt is
+   never split). A prefill alone is the very computation of the request's solo run, so its first token is, bit
+   for bit, the solo run's; the first token is sent as soon as its prefill ends. The running rows wait at most
+   `max(prefill_tokens_per_step, one prompt)` tokens of prefill per step (a prompt is at most one window);
+3. one decode step over all running rows, each at its own position (per-row `write_indices`, positions and
+   mask rows, which the static graph takes per row), on the buffers in place (IOBinding, no copy).
+
+Running rows always fill rows `0..n-1` of the cache, so a decode step runs exactly the running rows: a row that
+finishes (or is cancelled) frees its slot at once, and the top row moves down into it (one copy of that row's
+filled positions, once per finished request, never per step). Each request samples with its own numpy Generator
+seeded from its `params.seed`, so a request's tokens do not depend on its neighbours: greedy ones equal its solo
+`llama-generate` run, and so do seeded sampled ones.
+
+Bad input is refused at `submit` (`RequestRejected`, with the numbers); a full waiting queue makes `submit` raise
+`Busy` at once. An exception inside a step fails the requests that step concerns (the one prefilled, or the rows
+of the decode) with the error, and the loop goes on serving. See docs/inflight.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .generate import GenerationError, Row, check_request
+from .sampling import SamplingParams, sample
+from .tokenizer import LlamaTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Busy(RuntimeError):
+    """The waiting queue is full: retry later."""
+
+
+class RequestRejected(GenerationError):
+    """A request that cannot run (its message names the field and the numbers)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str | Sequence[int]  # text is encoded with BOS, as llama-generate does
+    max_new_tokens: int = 16
+    params: SamplingParams = SamplingParams()
+    stop_strings: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False  # run to max_new_tokens past end-of-sequence (load benchmarks)
+
+
+@dataclass(frozen=True)
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    error: str | None
+    prompt_tokens: int
+    queued_s: float  # submit → admitted into a slot
+    ttft_s: float | None  # submit → first token
+    token_times_s: list[float]  # the gaps between successive tokens after the first
+
+
+@dataclass(frozen=True)
+class Event:
+    text: str  # new text since the previous event, never half a character
+    tokens: list[int]  # new token ids since the previous event
+    final: bool = False
+    result: Completion | None = None
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A request inside the batcher."""
+    handle: "Handle"
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stops: set[int]
+    stop_strings: tuple[str, ...]
+    on_event: Callable[[Event], None] | None
+    row: Row = None
+    rng: np.random.Generator = None
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first: float | None = None
+    last: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+
+class Handle:
+    """One submitted request: iterate for its events (blocking, the final one included), or wait for `result`."""
+
+    def __init__(self, batcher: "InflightBatcher", request_id: int):
+        self.id = request_id
+        self._batcher = batcher
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._completion: Completion | None = None
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._events.get()
+            yield event
+            if event.final:
+                return
+
+    def cancel(self) -> None:
+        """Idempotent; the request leaves the batch (or the queue) within one step, its final event "cancelled"."""
+        if not self._done.is_set():
+            self.cancelled = True
+            self._batcher._wake()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} has not finished after {timeout} s")
+        return self._completion
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class InflightBatcher:
+    """A pool of `slots` sequences over a static-cache backend, served by a thread of its own (module docstring).
+    Thread-safe: submit and cancel from any thread."""
+
+    def __init__(self, backend, tokenizer: LlamaTokenizer, slots: int = 4, max_queue: int = 64,
+                 prefill_tokens_per_step: int | None = None):
+        if not hasattr(backend, "slot_cache"):
+            raise ValueError(f"the in-flight batcher needs a static-cache backend; {type(backend).__name__} runs a "
+                             f"growing cache: re-export with `llama-export ... --kv-cache static --max-seq-len N`")
+        if slots < 1 or max_queue < 0:
+            raise ValueError(f"slots={slots} must be >= 1 and max_queue={max_queue} >= 0")
+        self.backend, self.tokenizer = backend, tokenizer
+        self.slots, self.max_queue = slots, max_queue
+        self.max_length = backend.max_length
+        self.prefill_tokens_per_step = prefill_tokens_per_step or self.max_length
+        self.vocab_size = tokenizer.vocab_size
+        self._cache = backend.slot_cache(slots)
+        self._rows: list[_Sequence] = []  # row i of the cache holds _rows[i]; rows 0..n-1, no gaps
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._stats = {"steps": 0, "prefills": 0, "tokens_generated": 0, "requests_done": 0, "errors": 0,
+                       "max_running_in_a_step": 0}
+        self._rows_per_step: collections.Counter[int] = collections.Counter()
+        self._thread = threading.Thread(target=self._loop, name="inflight-batcher", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, artifact_dir: str | Path, slots: int = 4, max_queue: int = 64, backend: str = "ort",
+             threads: int | None = None, prefill_tokens_per_step: int | None = None) -> "InflightBatcher":
+        from .artifact import Artifact, ArtifactError
+        from .backends import open_backend
+
+        artifact = Artifact.open(artifact_dir)
+        if artifact.flavour != "static":
+            raise ValueError(f"{artifact_dir}: a portable (growing-cache) artifact; the in-flight batcher serves "
+                             f"static-cache ones: re-export with `llama-export ... --kv-cache static --max-seq-len N`")
+        if artifact.tokenizer_path is None:
+            raise ArtifactError(f"{artifact_dir}: the artifact has no tokenizer.model; re-export with --tokenizer")
+        return cls(open_backend(artifact, backend, threads), LlamaTokenizer(artifact.tokenizer_path), slots,
+                   max_queue, prefill_tokens_per_step)
+
+    # ---- the callers' side -----------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt) if prompt else []
+        try:
+            ids = [int(i) for i in prompt]
+        except (TypeError, ValueError):
+            raise RequestRejected(f"prompt must be text or a list of token ids, not {type(prompt).__name__}") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+    def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Queue a request; its handle. Raises `RequestRejected` for a request that cannot run, `Busy` when the
+        waiting queue is full."""
+        ids = self._prompt_ids(request.prompt)
+        if not ids:
+            raise RequestRejected("a prompt is empty; give at least one token of text")
+        params = request.params
+        if isinstance(params, dict):
+            try:
+                params = SamplingParams(**params)
+            except (TypeError, ValueError) as err:
+                raise RequestRejected(f"sampling parameters: {err}") from None
+        elif not isinstance(params, SamplingParams):
+            raise RequestRejected(f"params must be SamplingParams, not {type(params).__name__}")
+        if not isinstance(request.max_new_tokens, (int, np.integer)) or isinstance(request.max_new_tokens, bool):
+            raise RequestRejected(f"max_new_tokens={request.max_new_tokens!r} must be an integer")
+        check_request(len(ids), int(request.max_new_tokens), self.max_length, request.stop_strings,
+                      error=RequestRejected)
+        stop_ids = [int(i) for i in request.stop_token_ids]
+        bad = [i for i in stop_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the in-flight batcher is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise Busy(f"busy: the waiting queue is full ({len(self._waiting)} of {self.max_queue} requests "
+                           f"waiting for {self.slots} slots); retry later")
+            handle = Handle(self, next(self._ids))
+            stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
+            seq = _Sequence(handle, ids, int(request.max_new_tokens), params, stops,
+                            tuple(request.stop_strings), on_event)
+            self._waiting.append(seq)
+            self._cond.notify()
+        return handle
+
+    def stats(self) -> dict:
+        with self._cond:
+            steps = self._stats["steps"]
+            rows = sum(n * count for n, count in self._rows_per_step.items())
+            return {"slots": self.slots, "running": len(self._rows), "queued": len(self._waiting), **self._stats,
+                    "rows_per_step": dict(sorted(self._rows_per_step.items())),
+                    "mean_occupancy": round(rows / (steps * self.slots), 4) if steps else 0.0}
+
+    def close(self) -> None:
+        """Cancel every queued and running request (their final events are sent) and join the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> "InflightBatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ---- the batcher's thread --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closing or self._waiting or self._rows):
+                    self._cond.wait()
+                if self._closing:
+                    break
+                cancelled = [s for s in self._waiting if s.handle.cancelled]
+                for seq in cancelled:
+                    self._waiting.remove(seq)
+                admitted, budget = [], self.prefill_tokens_per_step
+                staying = sum(not seq.handle.cancelled for seq in self._rows)  # cancelled rows leave this step
+                while self._waiting and staying + len(admitted) < self.slots and \
+                        (not admitted or len(self._waiting[0].prompt) <= budget):
+                    admitted.append(self._waiting.popleft())
+                    budget -= len(admitted[-1].prompt)
+            for seq in cancelled:
+                self._finish(seq, "cancelled")
+            try:
+                self._step(admitted)
+            except Exception as err:  # a fault outside the guarded calls: fail what the step held, keep serving
+                log.exception("in-flight batcher step failed")
+                for seq in [*admitted, *self._rows]:
+                    if not seq.handle.done():
+                        self._finish(seq, "error", err)
+                for row in range(len(self._rows)):
+                    self.backend.clear_row(self._cache, row)
+                self._rows = []
+        with self._cond:
+            left, self._waiting = [*self._rows, *self._waiting], collections.deque()
+        for seq in left:
+            self._finish(seq, "cancelled")
+        self._rows = []
+
+    def _step(self, admitted: list[_Sequence]) -> None:
+        self._leave([row for row, seq in enumerate(self._rows) if seq.handle.cancelled], "cancelled")
+        for seq in admitted:
+            seq.admitted = time.perf_counter()
+            if seq.handle.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            row = len(self._rows)
+            seq.row, seq.rng = Row(seq.prompt), np.random.default_rng(seq.params.seed)
+            seq.row.start(self.tokenizer)
+            try:
+                logits = self.backend.step_rows(self._cache, row, row + 1, np.array([seq.prompt], np.int64))
+                token = self._sample(seq, logits[0:1])
+            except Exception as err:
+                log.warning("prefill of request %d failed: %s", seq.handle.id, err)
+                self.backend.clear_row(self._cache, row)
+                self._finish(seq, "error", err)
+                continue
+            self._stats["prefills"] += 1
+            self._rows.append(seq)
+            if self._advance(seq, token):
+                self._leave([row])
+        if not self._rows:
+            return
+        rows = list(self._rows)
+        ids = np.array([[seq.row.tokens[-1]] for seq in rows], np.int64)
+        try:
+            logits = self.backend.step_rows(self._cache, 0, len(rows), ids)
+        except Exception as err:
+            log.warning("decode step over %d rows failed: %s", len(rows), err)
+            for seq in rows:
+                self._finish(seq, "error", err)
+            self._leave(list(range(len(rows))))
+            return
+        with self._cond:
+            self._stats["steps"] += 1
+            self._rows_per_step[len(rows)] += 1
+            self._stats["max_running_in_a_step"] = max(self._stats["max_running_in_a_step"], len(rows))
+        greedy = logits.argmax(-1)
+        finished = []
+        for row, seq in enumerate(rows):
+            try:
+                token = int(greedy[row]) if self._is_greedy(seq) else self._sample(seq, logits[row:row + 1])
+            except Exception as err:
+                self._finish(seq, "error", err)
+                finished.append(row)
+                continue
+            if self._advance(seq, token):
+                finished.append(row)
+        self._leave(finished)
+
+    @staticmethod
+    def _is_greedy(seq: _Sequence) -> bool:
+        return seq.params.temperature == 0 and seq.params.repetition_penalty == 1.0
+
+    @staticmethod
+    def _sample(seq: _Sequence, logits: np.ndarray) -> int:
+        seen = [seq.prompt + seq.row.tokens] if seq.params.repetition_penalty != 1.0 else None
+        return int(sample(logits, seq.params, seq.rng, seen)[0])
+
+    def _advance(self, seq: _Sequence, token: int) -> bool:
+        """Record a sampled token and send its event; whether the request finished."""
+        now = time.perf_counter()
+        before = len(seq.row.tokens)
+        delta = seq.row.advance(token, seq.stops, seq.stop_strings, seq.max_new_tokens)
+        new = seq.row.tokens[before:]
+        if new:
+            if seq.first is None:
+                seq.first = now
+            else:
+                seq.gaps.append(now - seq.last)
+            seq.last = now
+            self._stats["tokens_generated"] += 1
+        if seq.row.finish_reason:
+            self._finish(seq, seq.row.finish_reason, text=delta, tokens=new)
+            return True
+        self._send(seq, Event(delta, new))
+        return False
+
+    def _leave(self, rows: list[int], reason: str | None = None) -> None:
+        """These rows leave the batch (finished already, or for `reason`); the top rows move down into the gaps."""
+        for row in sorted(rows, reverse=True):
+            seq, top = self._rows[row], len(self._rows) - 1
+            if reason and not seq.handle.done():
+                self._finish(seq, reason)
+            if row != top:
+                self.backend.move_row(self._cache, top, row)
+                self._rows[row] = self._rows[top]
+            else:
+                self.backend.clear_row(self._cache, row)
+            self._rows.pop()
+
+    def _finish(self, seq: _Sequence, reason: str, error: BaseException | None = None, text: str = "",
+                tokens: list[int] | None = None) -> None:
+        row = seq.row
+        completion = Completion(
+            tokens=list(row.tokens) if row else [], text=row.text if row else "", finish_reason=reason,
+            error=f"{type(error).__name__}: {error}" if error is not None else None, prompt_tokens=len(seq.prompt),
+            queued_s=(seq.admitted if seq.admitted is not None else time.perf_counter()) - seq.submitted,
+            ttft_s=seq.first - seq.submitted if seq.first is not None else None, token_times_s=list(seq.gaps))
+        with self._cond:
+            self._stats["requests_done"] += 1
+            self._stats["errors"] += reason == "error"
+        seq.handle._completion = completion
+        self._send(seq, Event(text, tokens or [], True, completion))
+        seq.handle._done.set()
+
+    @staticmethod
+    def _send(seq: _Sequence, event: Event) -> None:
+        seq.handle._events.put(event)
+        if seq.on_event is not None:
+            try:
+                seq.on_event(event)
+            except Exception:
+                log.exception("on_event of request %d raised; ignored", seq.handle.id)

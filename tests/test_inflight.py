@@ -1,0 +1,254 @@
+"""In-flight batching (runtime/inflight.py) on real ONNX Runtime sessions: requests that join and leave a 4-slot
+engine at staggered times give, token for token, their solo runs; cancellation, backpressure, bad input, faults."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from exporter.artifact import build_artifact
+from exporter.checkpoint import RandomCheckpoint
+from exporter.presets import TINY_DIR, resolve_checkpoint
+from runtime.artifact import Artifact
+from runtime.backends import open_backend
+from runtime.generate import generate
+from runtime.inflight import Busy, InflightBatcher, Request, RequestRejected
+from runtime.sampling import SamplingParams
+from conftest import small_config
+
+GQA = small_config(vocab_size=4096, max_position_embeddings=128, hidden_size=128, num_attention_heads=8,
+                   num_key_value_heads=2)
+WINDOW = 96
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    made = {}
+
+    def get(case, target="ort"):
+        """A static-cache artifact of `WINDOW` slots: `tiny` (trained) or a random GQA config (8/2 heads);
+        target ort (GroupQueryAttention) or onnx (TensorScatter + Attention)."""
+        if (case, target) not in made:
+            ckpt = resolve_checkpoint("tiny") if case == "tiny" else RandomCheckpoint(GQA, seed=9)
+            out = tmp_path_factory.mktemp(f"{case}-{target}") / "artifact"
+            build_artifact(ckpt, out, "float32", tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None,
+                           optimize=True, max_seq=WINDOW, **({"target": "ort"} if target == "ort" else {}))
+            artifact = Artifact.open(out)
+            made[case, target] = (artifact, open_backend(artifact))
+        return made[case, target]
+    return get
+
+
+def requests(count: int, seed: int = 0) -> list[Request]:
+    """Prompts of 2..40 random ids and 12..24 new tokens, all different."""
+    rng = np.random.default_rng(seed)
+    return [Request(rng.integers(3, 4000, int(rng.integers(2, 41))).tolist(), int(rng.integers(12, 25)))
+            for _ in range(count)]
+
+
+def solo(backend, tokenizer, request: Request):
+    """The request's solo run: llama-generate's batch of one (no padding) on the same backend."""
+    return generate(backend, tokenizer, [list(request.prompt)], backend.max_length, request.max_new_tokens,
+                    request.params, request.stop_token_ids, request.stop_strings)[0]
+
+
+def collect(handle, whole_characters: bool = True):
+    """All of a handle's events, checked as a stream: the pieces add up, and (for a trained model, whose text is
+    valid UTF-8; random weights may pick invalid byte sequences) no piece holds half a character."""
+    events = list(handle)
+    assert events[-1].final and not any(e.final for e in events[:-1])
+    result = events[-1].result
+    assert not whole_characters or all("\ufffd" not in e.text for e in events)
+    assert "".join(e.text for e in events) == result.text
+    assert [t for e in events for t in e.tokens] == result.tokens
+    return result
+
+
+@pytest.mark.parametrize("case, target", [("tiny", "ort"), ("gqa", "ort"), ("gqa", "onnx")])
+def test_staggered_requests_equal_their_solo_runs(artifacts, tokenizer, case, target):
+    artifact, backend = artifacts(case, target)
+    work = requests(12)
+    expected = [solo(backend, tokenizer, r) for r in work]
+    with InflightBatcher(backend, tokenizer, slots=4) as batcher:
+        handles = []
+        for i, request in enumerate(work):  # each arrives once the one before has its first token: mid-run
+            started = threading.Event()
+            handles.append(batcher.submit(request, on_event=lambda event, started=started: started.set()))
+            started.wait(30)
+        results = [collect(h, whole_characters=case == "tiny") for h in handles]
+        stats = batcher.stats()
+    for request, got, want in zip(work, results, expected):
+        assert got.tokens == want.tokens, request
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+        assert got.prompt_tokens == len(request.prompt) and got.ttft_s >= got.queued_s >= 0
+        assert len(got.token_times_s) == max(len(got.tokens) - 1, 0)
+    # requests shared steps: most decode steps ran several rows, never more than the slots
+    assert stats["max_running_in_a_step"] == 4 and stats["requests_done"] == 12 and stats["prefills"] == 12
+    shared = sum(count for rows, count in stats["rows_per_step"].items() if rows > 1)
+    assert shared > stats["steps"] / 2 and stats["mean_occupancy"] > 0.5, stats
+    assert stats["tokens_generated"] == sum(len(r.tokens) for r in results)
+    print(f"{case}/{target}: {stats}")
+
+
+def test_cancel_frees_the_slot_within_one_step(artifacts, tokenizer):
+    artifact, backend = artifacts("gqa")
+    work = [Request(r.prompt, 40) for r in requests(5, seed=1)]
+    expected = [solo(backend, tokenizer, r) for r in work]
+    steps_at = {}
+    with InflightBatcher(backend, tokenizer, slots=4) as batcher:
+        def record(name, final_only=False):
+            """Writes down the batcher's decode steps at the request's first token (or its final event)."""
+            def on_event(event):
+                if event.final or (event.tokens and not final_only):
+                    steps_at.setdefault(name, batcher.stats()["steps"])
+            return on_event
+
+        handles = [batcher.submit(r, on_event=record(i, final_only=True)) for i, r in enumerate(work[:4])]
+        waiting = batcher.submit(work[4], on_event=record("waiting"))  # no free slot until one leaves
+        victim = handles[1]
+        for count, event in enumerate(victim, 1):
+            if count == 5:
+                steps_at["cancel"] = batcher.stats()["steps"]
+                victim.cancel()
+                victim.cancel()  # idempotent
+                break
+        cancelled = victim.result(10)
+        results = [h.result(30) for h in (handles[0], handles[2], handles[3], waiting)]
+        stats = batcher.stats()
+    assert cancelled.finish_reason == "cancelled" and 5 <= len(cancelled.tokens) < 40
+    assert cancelled.tokens == expected[1].tokens[:len(cancelled.tokens)]
+    # the victim left, and the waiting request took its slot (its first token came from its prefill), at the next
+    # step after the cancel
+    assert steps_at[1] <= steps_at["cancel"] + 1 and steps_at["waiting"] <= steps_at["cancel"] + 1, steps_at
+    for got, want in zip(results, [expected[0], expected[2], expected[3], expected[4]]):
+        assert got.tokens == want.tokens
+    assert stats["max_running_in_a_step"] == 4 and stats["running"] == 0
+
+
+def test_seeded_sampled_requests_equal_their_solo_runs(artifacts, tokenizer):
+    artifact, backend = artifacts("tiny")
+    prompts = [tokenizer.encode(p) for p in ("A list comprehension", "The tutorial explains how", "Hello")]
+    work = [Request(prompts[0], 20, SamplingParams(temperature=1.0, top_p=0.9, seed=7)),
+            Request(prompts[1], 16),
+            Request(prompts[2], 24, SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.3, seed=3)),
+            Request(prompts[0], 20, SamplingParams(temperature=1.0, top_p=0.9, seed=8))]
+    expected = [solo(backend, tokenizer, r) for r in work]
+    assert expected[0].tokens != expected[3].tokens  # the seed matters
+    with InflightBatcher(backend, tokenizer, slots=4) as batcher:
+        handles = [batcher.submit(r) for r in work]
+        results = [collect(h) for h in handles]
+    assert [r.tokens for r in results] == [e.tokens for e in expected]
+    assert [r.text for r in results] == [e.text for e in expected]
+
+
+def test_stop_strings_and_text_prompts(artifacts, tokenizer):
+    artifact, backend = artifacts("tiny")
+    free = solo(backend, tokenizer, Request(tokenizer.encode("A list comprehension"), 30))
+    stop = free.text.strip()[:6]
+    work = [Request("A list comprehension", 30, stop_strings=(stop,)),
+            Request("A list comprehension", 30, stop_token_ids=(free.tokens[3],)),
+            Request("emoji \U0001F9EC and 日本", 30, SamplingParams(temperature=1.0, seed=5))]
+    with InflightBatcher(backend, tokenizer, slots=2) as batcher:
+        results = [collect(batcher.submit(r)) for r in work]
+    assert results[0].finish_reason == "stop" and stop not in results[0].text and free.text.startswith(results[0].text)
+    assert results[1].tokens == free.tokens[:3] and results[1].finish_reason == "stop"
+    assert results[2].tokens == solo(backend, tokenizer, Request(tokenizer.encode(work[2].prompt), 30,
+                                                                   work[2].params)).tokens
+
+
+def test_full_queue_and_bad_requests_are_refused(artifacts, tokenizer):
+    artifact, backend = artifacts("gqa")
+    with InflightBatcher(backend, tokenizer, slots=1, max_queue=2) as batcher:
+        first = batcher.submit(Request([5, 6, 7], 60))
+        for event in first:  # running: the queue is empty again
+            break
+        queued = [batcher.submit(Request([5, 6], 4)) for _ in range(2)]
+        with pytest.raises(Busy, match=r"busy: the waiting queue is full \(2 of 2 requests waiting for 1 slots\)"):
+            batcher.submit(Request([5], 4))
+        for bad, message in [
+            (Request(list(range(5, 5 + WINDOW)), 4), f"a prompt has {WINDOW} tokens; the context window is {WINDOW}"),
+            (Request([5] * 90, 10), f"prompt \\(90 tokens\\) \\+ max_new_tokens \\(10\\) exceeds the context window "
+                                    f"of {WINDOW}; lower max_new_tokens to 6 or less"),
+            (Request([5], 0), "max_new_tokens=0 must be at least 1"),
+            (Request([5], 2.5), "max_new_tokens=2.5 must be an integer"),
+            (Request([], 4), "a prompt is empty"),
+            (Request([5, 4096], 4), r"prompt token id 4096 is outside the vocabulary \(0..4095\)"),
+            (Request([5], 4, {"temperature": -1.0}), "sampling parameters: temperature=-1.0 must be >= 0"),
+            (Request([5], 4, {"top_p": 2}), r"sampling parameters: top_p=2 must be in \(0, 1\]"),
+            (Request([5], 4, stop_strings=("",)), "a stop string is empty"),
+            (Request([5], 4, stop_token_ids=(-1,)), "stop token id -1 is outside the vocabulary"),
+        ]:
+            with pytest.raises(RequestRejected, match=message):
+                batcher.submit(bad)
+        first.cancel()
+        assert [h.result(30).finish_reason for h in queued] == ["length", "length"]
+        assert batcher.stats()["queued"] == 0
+
+
+class FaultyBackend:
+    """The real backend, made to raise in chosen steps: a prefill of a prompt that starts with `poison`, and the
+    `decode_fault`-th decode step (the computation itself is real; only the fault is injected)."""
+
+    def __init__(self, backend, poison: int, decode_fault: int):
+        self.backend, self.poison, self.decode_fault, self.decodes = backend, poison, decode_fault, 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def step_rows(self, cache, start, stop, input_ids):
+        if input_ids.shape[1] > 1 and input_ids[0, 0] == self.poison:
+            raise RuntimeError("injected prefill fault")
+        if input_ids.shape[1] == 1:
+            self.decodes += 1
+            if self.decodes == self.decode_fault:
+                raise RuntimeError("injected decode fault")
+        return self.backend.step_rows(cache, start, stop, input_ids)
+
+
+def test_a_failing_step_fails_only_its_requests(artifacts, tokenizer):
+    artifact, backend = artifacts("gqa")
+    poison = 4000
+    work = requests(4, seed=2)
+    expected = [solo(backend, tokenizer, r) for r in work]
+    faulty = FaultyBackend(backend, poison, decode_fault=10 ** 9)
+    with InflightBatcher(faulty, tokenizer, slots=2) as batcher:
+        handles = [batcher.submit(work[0]), batcher.submit(Request([poison, 5, 6], 8)), batcher.submit(work[1])]
+        results = [h.result(30) for h in handles]
+        assert results[1].finish_reason == "error" and "injected prefill fault" in results[1].error
+        assert results[1].tokens == [] and results[1].ttft_s is None
+        assert [results[0].tokens, results[2].tokens] == [expected[0].tokens, expected[1].tokens]
+        # a decode step that raises fails the rows it ran, and the engine serves the next requests
+        faulty.decode_fault = faulty.decodes + 3
+        long = [batcher.submit(Request(r.prompt, 20)) for r in work[2:]]
+        failed = [h.result(30) for h in long]
+        assert [r.finish_reason for r in failed] == ["error", "error"]
+        assert all("injected decode fault" in r.error and len(r.tokens) >= 1 for r in failed)
+        after = batcher.submit(work[3]).result(30)
+        assert after.tokens == expected[3].tokens and after.finish_reason == expected[3].finish_reason
+        assert batcher.stats()["errors"] == 3
+
+
+def test_close_cancels_queued_and_running_requests(artifacts, tokenizer):
+    artifact, backend = artifacts("gqa")
+    batcher = InflightBatcher(backend, tokenizer, slots=1)
+    events = []
+    running = batcher.submit(Request([5, 6, 7], 80), on_event=events.append)
+    queued = batcher.submit(Request([5, 6], 4))
+    next(iter(running))
+    batcher.close()
+    assert running.result(0).finish_reason == "cancelled" and queued.result(0).finish_reason == "cancelled"
+    assert events[-1].final and events[-1].result.finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(Request([5], 2))
+    assert not any(t.name == "inflight-batcher" and t.is_alive() for t in threading.enumerate())
+
+
+def test_open_refuses_a_portable_artifact(tmp_path):
+    out = tmp_path / "portable"
+    build_artifact(RandomCheckpoint(GQA, seed=9), out, "float32", tokenizer=TINY_DIR / "tokenizer.model",
+                   log=lambda m: None)
+    with pytest.raises(ValueError, match=r"a portable \(growing-cache\) artifact; the in-flight batcher serves "
+                                         r"static-cache ones: re-export with `llama-export .* --kv-cache static"):
+        InflightBatcher.open(out)
