@@ -3,7 +3,7 @@ latency (p50/p95), and the server's memory (RSS of its process tree) before and 
 
 Each of C clients sends a request, reads its stream to the end, and sends the next, until the level's requests
 are done; every prompt is `--prompt-tokens` random token ids (BOS first; seeded, the same across servers) and asks
-for `--new-tokens` tokens, greedy. Targets:
+for `--new-tokens` tokens, greedy, past end-of-sequence (`ignore_eos`). Targets:
 
   triton  Triton's gRPC streaming (tritonclient.grpc) to a llama-triton model, prompts as `input_ids`
   openai  an OpenAI-compatible /v1/completions with "stream": true and the prompt as a list of token ids
@@ -65,7 +65,7 @@ def triton_stream(url: str, model: str):
     client.start_stream(callback=lambda result, error: got.put((time.perf_counter(), result, error)))
 
     def run(ids, new_tokens):
-        inputs = infer_inputs(grpcclient, input_ids=ids, max_tokens=new_tokens, stream=True)
+        inputs = infer_inputs(grpcclient, input_ids=ids, max_tokens=new_tokens, stream=True, ignore_eos=True)
         client.async_stream_infer(model, inputs, enable_empty_final_response=True)
         marks = []
         while True:

@@ -22,6 +22,7 @@ INPUTS = {
     "repetition_penalty": ("TYPE_FP32", "> 0, 1 = off"),
     "seed": ("TYPE_UINT64", "sampling seed"),
     "stop": ("TYPE_STRING", "stop strings: the text ends before the first one found"),
+    "ignore_eos": ("TYPE_BOOL", "run to max_tokens past end-of-sequence (load tests, as vLLM's ignore_eos)"),
     "exclude_input_in_output": ("TYPE_BOOL", "non-streaming: false (default) puts the prompt before the answer"),
 }
 OUTPUTS = {

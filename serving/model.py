@@ -180,7 +180,9 @@ class TritonPythonModel:
         stream = bool(_scalar(request, "stream", bool, False))
         exclude = bool(_scalar(request, "exclude_input_in_output", bool, False))
         prefix = "" if stream or exclude else (prompt if prompt is not None else self.tokenizer.decode(prompt_ids))
-        return Request(prompt=prompt_ids, max_new_tokens=max_tokens, params=params, stop_strings=stops), stream, prefix
+        ignore_eos = bool(_scalar(request, "ignore_eos", bool, False))
+        return (Request(prompt=prompt_ids, max_new_tokens=max_tokens, params=params, stop_strings=stops,
+                        ignore_eos=ignore_eos), stream, prefix)
 
     def execute(self, requests):
         for request in requests:

@@ -81,7 +81,8 @@ class Frontend:
         return infer_inputs(tritonclient.grpc, input_ids=ids, max_tokens=max_tokens, stream=True,
                             temperature=_number(body, "temperature", float, 1.0),
                             top_p=_number(body, "top_p", float, 1.0),
-                            seed=secrets.randbelow(2**31) if seed is None else seed, stop=_stops(body) or None)
+                            seed=secrets.randbelow(2**31) if seed is None else seed, stop=_stops(body) or None,
+                            ignore_eos=bool(body.get("ignore_eos", False)))  # vLLM's and llama.cpp's extension
 
     async def generate(self, inputs):
         """(text, new token count, finish_reason or None) per Triton response, over one gRPC stream."""
