@@ -142,6 +142,12 @@ def main(directory, reference, model_name, backend, prompts_file, steps, per_lay
             raise ExportError("--reference and --model both name the reference: pass one of them")
         if plot is not None and plot.suffix.lower() != ".png":
             raise ExportError(f"--plot {plot}: give a .png file name")
+        if plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ExportError("--plot draws with matplotlib, which is not installed: "
+                                  "pip install 'llama-export[plot]'") from None
         artifact = Artifact.open(directory, log=lambda m: click.echo(m, err=True))
         ckpt = parity_run.reference_checkpoint(artifact, reference, model_name)
         if artifact.tokenizer_path is None:
@@ -152,6 +158,7 @@ def main(directory, reference, model_name, backend, prompts_file, steps, per_lay
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)
         prompts = parity_run.read_prompts(prompts_file, artifact, tokenizer) if prompts_file \
             else parity_run.default_prompts(artifact, tokenizer)
+        parity_run.check_prompts(prompts, artifact.config["vocab_size"], str(prompts_file or artifact.tokenizer_path))
         text_path = text or parity_run.HELDOUT
         limit = min(parity_run.PPL_TOKENS, artifact.max_length)
         ids = parity_run.text_ids(text_path, tokenizer, limit)

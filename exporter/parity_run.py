@@ -325,6 +325,15 @@ class Request:
     log: Callable[[str], None] = field(default=lambda message: None)
 
 
+def check_prompts(prompts: list[list[int]], vocab_size: int, source: str) -> None:
+    if not all(prompts):
+        raise ExportError(f"{source}: a prompt is empty; give at least one token a prompt")
+    top = max(max(p) for p in prompts)
+    if top >= vocab_size:
+        raise ExportError(f"{source}: token id {top} is past the model's vocabulary of {vocab_size}: the artifact's "
+                          f"tokenizer.model does not belong to this model; re-export with --tokenizer PATH")
+
+
 def check_window(request: Request, window: int) -> None:
     longest = max(len(p) for p in request.prompts)
     if longest + request.steps > window:
@@ -386,9 +395,10 @@ def run(request: Request) -> dict:
               "flavour": artifact.flavour, "backend": request.backend,
               "reference": f"{request.checkpoint.source}, PyTorch float32",
               "prompt_tokens": [len(p) for p in request.prompts], "steps": steps,
-              "greedy_match": parity.greedy_run(ours_top1, ref_top1), "greedy_of": request.steps + 1,
+              "overall": parity.overall(steps), "greedy_match": parity.greedy_run(ours_top1, ref_top1),
+              "greedy_of": request.steps + 1,
               "thresholds": limits.as_dict()}
-    failures = [why for record in steps for why in parity.judge_step(record, limits)]
+    failures = parity.judge(steps, limits)
 
     if request.per_layer:
         ids0, mask0, pos0 = left_pad(request.prompts)

@@ -1,15 +1,21 @@
 """Parity figures: an artifact's outputs against a reference's, and the thresholds each precision must meet.
 
 One definition of every figure, for `llama-parity`, `llama-export`'s verify step and the tests. It is torch-free
-(numpy, and polygraphy's comparator for the named tensors: the KV cache and the per-layer hidden states), so the
-runtime and the tests may use it as well as the exporter. Figures, all over real (unpadded) positions:
+(numpy only), so the runtime and the tests may use it as well as the exporter. Figures, all over real (unpadded)
+positions:
 
 - logits: max and mean |Δ|, max relative difference (max |Δ| ÷ max |reference|: an element-wise |Δ|/|ref| is
   dominated by logits near zero, the reason polygraphy's default tolerance fails healthy fp16 results), KL
   divergence KL(reference ‖ artifact) of the next-token distributions (mean and max over positions), top-1
   agreement (the same argmax) and top-5 agreement (mean overlap of the two top-5 sets);
 - tensors (each layer's present key and value, each decoder layer's output): relative L2 error ‖Δ‖ / ‖reference‖,
-  with polygraphy's max and mean |Δ| beside it.
+  with max and mean |Δ| beside it.
+
+polygraphy's comparator (`SimpleCompareFunc`) was the first choice for the tensors and was measured out: its
+relative error is element-wise (|Δ| / |reference|, the quantity whose default tolerance fails healthy fp16
+results, NVIDIA/TensorRT#2709), and each call also computes medians and formats statistics for its log, 36 ms a
+tensor on tiny, a quarter of a whole `llama-parity` run. polygraphy builds and runs the TensorRT engines of the
+per-layer bisection instead (`exporter/parity_run.py`).
 
 The thresholds are data (`THRESHOLDS`), one row per precision; docs/parity.md gives each its reason.
 """
@@ -27,10 +33,10 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "smoothquant")
 class Thresholds:
     """What an artifact of one precision must meet against the float32 reference (None: not gated)."""
     logit_max_abs: float | None  # max |Δ logit| at any real position of any step
-    kl_mean: float  # mean KL(reference ‖ artifact) over the positions of a step
-    kl_max: float  # worst position of a step
-    top1: float  # minimum fraction of positions with the same argmax, per step
-    top5: float  # minimum mean overlap of the top-5 sets, per step
+    kl_mean: float  # mean KL(reference ‖ artifact) over all positions of all steps
+    kl_max: float  # KL at the worst position of any step
+    top1: float  # minimum fraction of all positions with the same argmax
+    top5: float  # minimum mean overlap of the top-5 sets over all positions
     kv_rel: float  # relative L2 error of each layer's present key / value, per step
     hidden_rel: float  # relative L2 error of each decoder layer's output (--per-layer)
     ppl_rel: float  # |perplexity(artifact) / perplexity(reference) − 1| on the text
@@ -39,25 +45,19 @@ class Thresholds:
         return asdict(self)
 
 
-THRESHOLDS: dict[str, Thresholds] = {
-    # fp32: the same arithmetic in another order (fused kernels, packed matmuls): rounding only
-    "fp32": Thresholds(logit_max_abs=1e-3, kl_mean=1e-6, kl_max=1e-5, top1=1.0, top5=0.99, kv_rel=1e-4,
+THRESHOLDS: dict[str, Thresholds] = {  # each row's reasons and the figures measured: docs/parity.md
+    "fp32": Thresholds(logit_max_abs=2e-3, kl_mean=1e-6, kl_max=1e-5, top1=0.99, top5=0.99, kv_rel=1e-4,
                        hidden_rel=1e-4, ppl_rel=1e-4),
-    # fp16: 11-bit mantissas in weights and activations (≈ 5e-4 relative per rounding), statistics in fp32
-    "fp16": Thresholds(logit_max_abs=None, kl_mean=1e-3, kl_max=2e-2, top1=0.97, top5=0.9, kv_rel=5e-3,
+    "fp16": Thresholds(logit_max_abs=None, kl_mean=1e-3, kl_max=1e-2, top1=0.97, top5=0.95, kv_rel=5e-3,
                        hidden_rel=1e-2, ppl_rel=5e-3),
-    # bf16: 8-bit mantissas, eight times the fp16 rounding
-    "bf16": Thresholds(logit_max_abs=None, kl_mean=8e-3, kl_max=0.1, top1=0.93, top5=0.85, kv_rel=3e-2,
-                       hidden_rel=6e-2, ppl_rel=2e-2),
-    # int8 weight-only: per-output-channel symmetric weights, activations in float
-    "int8": Thresholds(logit_max_abs=None, kl_mean=5e-3, kl_max=0.1, top1=0.93, top5=0.85, kv_rel=3e-2,
+    "bf16": Thresholds(logit_max_abs=None, kl_mean=8e-3, kl_max=8e-2, top1=0.9, top5=0.9, kv_rel=4e-2,
+                       hidden_rel=8e-2, ppl_rel=2e-2),
+    "int8": Thresholds(logit_max_abs=None, kl_mean=5e-3, kl_max=5e-2, top1=0.9, top5=0.9, kv_rel=5e-2,
                        hidden_rel=5e-2, ppl_rel=1e-2),
-    # int4 weight-only: 16 levels per block of 32 weights: the largest weight error of the set
-    "int4": Thresholds(logit_max_abs=None, kl_mean=0.1, kl_max=1.5, top1=0.75, top5=0.65, kv_rel=0.25,
-                       hidden_rel=0.3, ppl_rel=0.15),
-    # SmoothQuant W8A8: int8 weights and int8 activations with one static scale per tensor
-    "smoothquant": Thresholds(logit_max_abs=None, kl_mean=0.05, kl_max=1.0, top1=0.8, top5=0.7, kv_rel=0.15,
-                              hidden_rel=0.2, ppl_rel=0.08),
+    "int4": Thresholds(logit_max_abs=None, kl_mean=0.1, kl_max=0.5, top1=0.8, top5=0.8, kv_rel=0.25,
+                       hidden_rel=0.25, ppl_rel=0.05),
+    "smoothquant": Thresholds(logit_max_abs=None, kl_mean=0.03, kl_max=0.5, top1=0.8, top5=0.8, kv_rel=0.15,
+                              hidden_rel=0.15, ppl_rel=0.03),
 }
 
 
@@ -102,20 +102,15 @@ def compare_logits(ours: np.ndarray, reference: np.ndarray, real: np.ndarray | N
 
 
 def compare_tensors(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Per named tensor: relative L2 error, and polygraphy's max and mean |Δ| (cast up to float32)."""
-    from polygraphy.comparator import IterationResult, SimpleCompareFunc
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    compare = SimpleCompareFunc(check_error_stat="max", atol=np.inf, rtol=np.inf)
-    ours = {name: np.ascontiguousarray(v, np.float32) for name, v in ours.items()}
-    reference = {name: np.ascontiguousarray(v, np.float32) for name, v in reference.items()}
-    found = compare(IterationResult(ours, runner_name="artifact"), IterationResult(reference, runner_name="reference"))
+    """Per named tensor: relative L2 error ‖Δ‖ / ‖reference‖, max and mean |Δ| (in float64)."""
     out = {}
     for name, ref in reference.items():
-        a, r = ours[name].astype(np.float64), ref.astype(np.float64)
-        out[name] = {"rel_l2": float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30)),
-                     "max_abs": float(found[name].max_absdiff), "mean_abs": float(found[name].mean_absdiff)}
+        a, r = np.asarray(ours[name], np.float64), np.asarray(ref, np.float64)
+        if a.shape != r.shape:
+            raise ValueError(f"{name} is {a.shape}, the reference's {r.shape}")
+        diff = np.abs(a - r)
+        out[name] = {"rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(r), 1e-30)),
+                     "max_abs": float(diff.max(initial=0.0)), "mean_abs": float(diff.mean()) if diff.size else 0.0}
     return out
 
 
@@ -141,21 +136,36 @@ def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(np.exp(nll.mean()))
 
 
-def judge_step(step: dict, t: Thresholds) -> list[str]:
-    """Why a step's figures fail the thresholds (empty: it passes)."""
-    name, m, why = step["name"], step["logits"], []
-    if t.logit_max_abs is not None and m["max_abs"] > t.logit_max_abs:
-        why.append(f"{name}: max |Δ logit| {m['max_abs']:.3g} > {t.logit_max_abs:g}")
-    for key, label in (("kl_mean", "mean KL"), ("kl_max", "max KL")):
-        if m[key] > getattr(t, key):
-            why.append(f"{name}: {label} {m[key]:.3g} > {getattr(t, key):g}")
+def overall(steps: list[dict]) -> dict:
+    """The logit figures of all steps together (means weighted by positions, worst of the maxima)."""
+    figures = [step["logits"] for step in steps]
+    total = sum(f["positions"] for f in figures)
+    mean = {key: sum(f[key] * f["positions"] for f in figures) / total for key in ("mean_abs", "kl_mean", "top1", "top5")}
+    worst = {key: max(f[key] for f in figures) for key in ("max_abs", "max_rel", "kl_max")}
+    return {**worst, **mean, "positions": total}
+
+
+def judge(steps: list[dict], t: Thresholds) -> list[str]:
+    """Why the steps fail the thresholds (empty: they pass). Per step: the worst position's |Δ logit| and KL, and
+    each layer's KV cache; over all positions: mean KL and the top-1 / top-5 agreement (a step of a small batch has
+    too few positions for a fraction: one near-tie would be a third of a batch of three)."""
+    why = []
+    for step in steps:
+        name, m = step["name"], step["logits"]
+        if t.logit_max_abs is not None and not m["max_abs"] <= t.logit_max_abs:
+            why.append(f"{name}: max |Δ logit| {m['max_abs']:.3g} > {t.logit_max_abs:g}")
+        if not m["kl_max"] <= t.kl_max:
+            why.append(f"{name}: max KL {m['kl_max']:.3g} > {t.kl_max:g}")
+        bad = first_over(step.get("kv", []), t.kv_rel)
+        if bad is not None:
+            layer, rel = bad
+            why.append(f"{name}: KV cache of layer {layer} differs (relative error {rel:.3g} > {t.kv_rel:g})")
+    total = overall(steps)
+    if not total["kl_mean"] <= t.kl_mean:
+        why.append(f"all steps: mean KL {total['kl_mean']:.3g} > {t.kl_mean:g}")
     for key, label in (("top1", "top-1 agreement"), ("top5", "top-5 agreement")):
-        if m[key] < getattr(t, key):
-            why.append(f"{name}: {label} {m[key]:.3f} < {getattr(t, key):g}")
-    bad = first_over(step.get("kv", {}), t.kv_rel)
-    if bad is not None:
-        layer, rel = bad
-        why.append(f"{name}: KV cache of layer {layer} differs (relative error {rel:.3g} > {t.kv_rel:g})")
+        if not total[key] >= getattr(t, key):
+            why.append(f"all steps: {label} {total[key]:.3f} < {getattr(t, key):g}")
     return why
 
 
