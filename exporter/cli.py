@@ -163,6 +163,10 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
             click.echo(f"parity: max |logit diff| {result['max_abs_logit_diff']:.3g} vs PyTorch fp32 "
                        f"(prefill {result['prefill_max_abs_diff']:.3g}, decode {result['decode_max_abs_diff']:.3g}), "
                        f"top-1 {'identical' if result['top1_identical'] else 'DIFFERENT'}")
+            summary = result["parity"]
+            click.echo(f"parity ({summary['precision']} thresholds, prefill + {summary['decode_steps']} decode steps): "
+                       + ("pass" if summary["passed"] else "FAIL: " + "; ".join(summary["failures"]))
+                       + f"; llama-parity {output} for the full report")
         click.echo(f"wrote {output} in {time.perf_counter() - started:.1f} s")
         if target == "trt":
             click.echo(fused_attention.describe(dtype, c.head_dim), err=True)

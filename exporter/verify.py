@@ -1,17 +1,15 @@
-"""Check a freshly written artifact in ONNX Runtime against the reference model."""
+"""Check a freshly written artifact in ONNX Runtime against the reference model: `llama-parity`'s figures, small."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from runtime.artifact import Artifact
-from runtime.backends import NUMPY_DTYPES, open_backend
+from runtime.backends import NUMPY_DTYPES
 
 from .checkpoint import Checkpoint
-from .loading import load_model
 
 
 def available_memory() -> int:
@@ -50,34 +48,38 @@ def too_large(ckpt: Checkpoint, dtype: str, forced: bool = False) -> str | None:
 
 
 def verify_artifact(directory: Path, manifest: dict, ckpt: Checkpoint, dtype: str, prompt_len: int = 8,
-                    forced: bool = False) -> dict:
-    """One prefill and one decode step on a short random prompt, through the runtime's backend for the
-    graph's flavour; max |logit difference| and top-1 agreement against the float32 reference."""
+                    forced: bool = False, steps: int = 2) -> dict:
+    """`llama-parity`'s per-step check, small: a prefill and `steps` teacher-forced decode steps through the
+    runtime's backend for the graph's flavour, against the float32 reference, judged by the thresholds of the
+    artifact's precision (`runtime.parity`). Prompts: real text when the directory has a tokenizer, else
+    `prompt_len` seeded random tokens. Returns the manifest's `verification` section: the max |logit difference|
+    of the prefill and of the decode steps, whether every top-1 agreed, and the parity summary."""
     if dtype not in NUMPY_DTYPES:
         return {"skipped": f"ONNX Runtime's CPU provider has no {dtype} kernels for this graph"}
     reason = too_large(ckpt, dtype, forced)
     if reason:
         return {"skipped": reason}
-    c = ckpt.config
-    backend = open_backend(Artifact(directory, manifest))
-    reference = load_model(ckpt, "float32")
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, c.vocab_size, (1, prompt_len), generator=gen)
-    mask = torch.ones(1, prompt_len, dtype=torch.long)
-    pos = torch.arange(prompt_len)[None]
-    logits, past = backend.forward(ids.numpy(), mask.numpy(), pos.numpy(), backend.empty_cache(1), 0)
-    with torch.no_grad():
-        ref_logits, cache = reference(ids, mask, pos)
-    diffs = [float(np.abs(logits - ref_logits.numpy()).max())]
-    agree = [bool((logits.argmax(-1) == ref_logits.numpy().argmax(-1)).all())]
-    step = ref_logits[:, -1:].argmax(-1)
-    mask = torch.ones(1, prompt_len + 1, dtype=torch.long)
-    pos = torch.tensor([[prompt_len]])
-    logits, _ = backend.forward(step.numpy(), mask.numpy(), pos.numpy(), past, 1)
-    with torch.no_grad():
-        ref_logits, _ = reference(step, mask, pos, past_key_values=cache, logits_to_keep=1)
-    diffs.append(float(np.abs(logits - ref_logits.numpy()).max()))
-    agree.append(bool((logits.argmax(-1) == ref_logits.numpy().argmax(-1)).all()))
-    return {"against": "reference model, float32", "prompt_tokens": prompt_len,
-            "max_abs_logit_diff": max(diffs), "prefill_max_abs_diff": diffs[0], "decode_max_abs_diff": diffs[1],
-            "top1_identical": all(agree)}
+    from runtime import parity
+    from runtime.tokenizer import LlamaTokenizer
+
+    from .parity_run import Request, default_prompts, run
+
+    artifact = Artifact(directory, manifest)
+    vocab, window = ckpt.config.vocab_size, artifact.max_length
+    prompts = []
+    if (directory / "tokenizer.model").is_file():
+        prompts = default_prompts(artifact, LlamaTokenizer(directory / "tokenizer.model"))
+    if not prompts or max(max(p) for p in prompts) >= vocab:  # no tokenizer, or one larger than the model's vocab
+        prompts = [np.random.default_rng(0).integers(3, vocab, prompt_len).tolist()]
+    steps = max(min(steps, window - 2), 0)
+    prompts = [p[:window - steps] for p in prompts]  # a small static cache holds the prompts and the steps
+    report = run(Request(artifact, ckpt, prompts, steps=steps))
+    figures = [step["logits"] for step in report["steps"]]
+    return {"against": "reference model, float32", "prompt_tokens": report["prompt_tokens"],
+            "max_abs_logit_diff": max(f["max_abs"] for f in figures), "prefill_max_abs_diff": figures[0]["max_abs"],
+            "decode_max_abs_diff": max((f["max_abs"] for f in figures[1:]), default=0.0),
+            "top1_identical": all(f["top1"] == 1.0 for f in figures),
+            "parity": {"precision": report["precision"], "passed": report["passed"], "failures": report["failures"],
+                       "decode_steps": len(figures) - 1, "overall": report["overall"],
+                       "kv_rel_max": max((max(step["kv"]) for step in report["steps"] if step.get("kv")), default=None),
+                       "thresholds": parity.THRESHOLDS[report["precision"]].as_dict()}}

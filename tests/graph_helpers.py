@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import torch
 
 from exporter.artifact import build_artifact
 from exporter.checkpoint import RandomCheckpoint
+from runtime import parity
 from runtime.backends import ort_feed
 
 from conftest import small_config
@@ -62,7 +61,7 @@ def assert_same_outputs(before: Path, after: Path, tolerance: float = 1e-5, np_d
     for feed in feeds(np_dtype=np_dtype):
         for a, b in zip(run(before, feed), run(after, feed)):
             scale = max(float(np.abs(a).max()), 1e-6)
-            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) / scale
+            diff = parity.compare_tensors({"out": b}, {"out": a})["out"]["max_abs"] / scale
             assert diff <= tolerance, f"output differs by {diff:.3g} × its scale"
             worst = max(worst, diff)
     return worst
@@ -107,6 +106,5 @@ def perplexity(directory, ids) -> tuple[float, np.ndarray]:
     """Perplexity of the artifact in `directory` (ORT, optimizations on) on `ids`, and its top-1 per position."""
     empty = np.zeros((1, 4, 0, 32), np.float32)
     feed = ort_feed(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], [(empty, empty)] * 4, 0)
-    logits = run(directory / "model.onnx", feed, optimized=True)[0][0]
-    nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:-1]), torch.from_numpy(ids[0, 1:])).item()
-    return math.exp(nll), logits.argmax(-1)
+    logits = run(directory / "model.onnx", feed, optimized=True)[0]
+    return parity.perplexity(logits, ids), logits[0].argmax(-1)
