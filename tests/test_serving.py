@@ -195,6 +195,10 @@ def test_cancelling_frees_the_slot(served, reference):
                       json={"text_input": PROMPTS[3], "max_tokens": long, "stream": True}) as r:
         next(r.iter_lines())  # one event, then the client goes away
     assert served.wait_metric(key, lambda v: v >= before + 2) == before + 2
+    with httpx.stream("POST", served.endpoints["openai"] + "/completions", timeout=60,  # OpenAI streaming client gone
+                      json={"prompt": PROMPTS[5], "max_tokens": long, "stream": True}) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    assert served.wait_metric(key, lambda v: v >= before + 3) == before + 3
     assert served.wait_metric('llama_running_slots{model="llama"}', lambda v: v == 0) == 0
     want = reference(PROMPTS[4], 20)
     assert generate(served, {"text_input": PROMPTS[4], "max_tokens": 20,
