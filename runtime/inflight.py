@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .generate import GenerationError, Row, check_request
+from .sequence import GenerationError, Row, check_request
 from .sampling import SamplingParams, sample
 from .tokenizer import LlamaTokenizer
 
@@ -196,6 +196,29 @@ class InflightBatcher:
     def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
         """Queue a request; its handle. Raises `RequestRejected` for a request that cannot run, `Busy` when the
         waiting queue is full."""
+        return self.submit_many([request], [on_event])[0]
+
+    def submit_many(self, requests: Sequence[Request],
+                    on_events: Sequence[Callable[[Event], None] | None] | None = None) -> list[Handle]:
+        """Queue several requests at once, all or none (each checked first), in one step's admission if they fit."""
+        checked = [self._check(request) for request in requests]
+        on_events = on_events or [None] * len(checked)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the in-flight batcher is closed")
+            if len(self._waiting) + len(checked) > self.max_queue:
+                raise Busy(f"busy: the waiting queue is full ({len(self._waiting)} of {self.max_queue} requests "
+                           f"waiting for {self.slots} slots); retry later")
+            handles = []
+            for (ids, max_new_tokens, params, stops, stop_strings), on_event in zip(checked, on_events):
+                handles.append(Handle(self, next(self._ids)))
+                self._waiting.append(_Sequence(handles[-1], ids, max_new_tokens, params, stops, stop_strings,
+                                               on_event))
+            self._cond.notify()
+        return handles
+
+    def _check(self, request: Request) -> tuple:
+        """A request's prompt ids, max_new_tokens, sampling parameters, stop ids and stop strings, checked."""
         ids = self._prompt_ids(request.prompt)
         if not ids:
             raise RequestRejected("a prompt is empty; give at least one token of text")
@@ -215,19 +238,8 @@ class InflightBatcher:
         bad = [i for i in stop_ids if not 0 <= i < self.vocab_size]
         if bad:
             raise RequestRejected(f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        with self._cond:
-            if self._closing:
-                raise RuntimeError("the in-flight batcher is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise Busy(f"busy: the waiting queue is full ({len(self._waiting)} of {self.max_queue} requests "
-                           f"waiting for {self.slots} slots); retry later")
-            handle = Handle(self, next(self._ids))
-            stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
-            seq = _Sequence(handle, ids, int(request.max_new_tokens), params, stops,
-                            tuple(request.stop_strings), on_event)
-            self._waiting.append(seq)
-            self._cond.notify()
-        return handle
+        stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
+        return ids, int(request.max_new_tokens), params, stops, tuple(request.stop_strings)
 
     def stats(self) -> dict:
         with self._cond:
