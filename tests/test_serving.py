@@ -379,3 +379,17 @@ def test_a_stub_that_cannot_start_ends_in_the_timeout_not_a_hang(artifact, tmp_p
     assert r.returncode == 1 and "tritonserver was not ready within 6 s" in r.stderr
     assert time.monotonic() - start < 6 + 20
     assert not orphaned_shm(shm_before)
+
+
+def test_serve_bench_counts_every_token(served):
+    """examples/serve_bench.py through Triton: every request's tokens arrive (ignore_eos), and the server's RSS is
+    read before and after a run."""
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "examples" / "serve_bench.py"), "triton",
+                        served.endpoints["grpc"], "--clients", "1,4", "--requests", "6", "--prompt-tokens", "16",
+                        "--new-tokens", "12", "--vocab", "4096", "--warmup", "1", "--server-pid",
+                        str(served.server_pid), "--rss-requests", "8", "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [(lv["clients"], lv["requests"], lv["tokens"]) for lv in report["levels"]] == [(1, 6, 72), (4, 6, 72)]
+    assert report["rss"]["run"]["tokens"] == 8 * 12 and report["rss"]["before_mb"] > 50
