@@ -200,11 +200,14 @@ class TritonPythonModel:
                 self.outbox.put(("register", live, None))  # before any of its events: the queue keeps the order
                 live.handle = self.batcher.submit(engine_request,
                                                   on_event=lambda e, live=live: self.outbox.put(("event", live, e)))
-            except (BadRequest, RequestRejected, Busy) as err:
+            except Exception as err:  # each request gets its own answer; the others in this call go on
                 message = str(err)
                 if isinstance(err, Busy):
                     message = (f"the queue is full ({self.max_queue} requests waiting, --queue {self.max_queue}): "
                                f"retry later ({err})")
+                elif not isinstance(err, (BadRequest, RequestRejected)):
+                    message = f"the request failed: {err!r}"
+                    pb_utils.Logger.log_error(f"{self.name}: {message}")
                 sender = live.sender if live is not None else request.get_response_sender()
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
                 self.outbox.put(("reject", live, None))
