@@ -7,8 +7,8 @@ backend's `SlotCache` keeps every row's length and mask). Its own thread runs th
 1. cancelled rows leave;
 2. admission: waiting requests take free slots in arrival order and are prefilled **alone**, one after the
    other (batch 1, the whole prompt, written straight into the slot's rows of the shared buffers), while this
-   step's prefilled prompt tokens stay within `prefill_tokens_per_step` (the first one always goes: a prompt is
-   never split). A prefill alone is the very computation of the request's solo run, so its first token is, bit
+   step's prefilled prompt tokens stay within `prefill_tokens_per_step` (default 256; the first one always goes: a
+   prompt is never split). A prefill alone is the very computation of the request's solo run, so its first token is, bit
    for bit, the solo run's; the first token is sent as soon as its prefill ends. The running rows wait at most
    `max(prefill_tokens_per_step, one prompt)` tokens of prefill per step (a prompt is at most one window);
 3. one decode step over all running rows, each at its own position (per-row `write_indices`, positions and
@@ -44,6 +44,7 @@ from .sampling import SamplingParams, sample
 from .tokenizer import LlamaTokenizer
 
 log = logging.getLogger(__name__)
+PREFILL_TOKENS_PER_STEP = 256  # default admission budget of a step (docs/inflight.md: why)
 
 
 class Busy(RuntimeError):
@@ -150,7 +151,7 @@ class InflightBatcher:
         self.backend, self.tokenizer = backend, tokenizer
         self.slots, self.max_queue = slots, max_queue
         self.max_length = backend.max_length
-        self.prefill_tokens_per_step = prefill_tokens_per_step or self.max_length
+        self.prefill_tokens_per_step = prefill_tokens_per_step or PREFILL_TOKENS_PER_STEP
         self.vocab_size = tokenizer.vocab_size
         self._cache = backend.slot_cache(slots)
         self._rows: list[_Sequence] = []  # row i of the cache holds _rows[i]; rows 0..n-1, no gaps

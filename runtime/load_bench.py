@@ -69,13 +69,16 @@ def sequential(backend, prompts: list[list[int]], gen_len: int) -> dict:
     return summary("sequential", time.perf_counter() - start, tokens, ttft, gaps, 1, None)
 
 
-def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int, clients: int) -> dict:
-    """`clients` threads, each submitting the next request once its last one ended."""
+def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int, clients: int,
+                ramp_up: float = 0.0) -> dict:
+    """`clients` threads, each submitting the next request once its last one ended; client k starts
+    `k × ramp_up / clients` seconds after the first."""
     order = itertools.count()
     completions = [None] * len(prompts)
     failures: list[str] = []
 
-    def client() -> None:
+    def client(k: int) -> None:
+        time.sleep(k * ramp_up / clients)
         while (i := next(order)) < len(prompts):
             done = batcher.submit(Request(prompts[i], gen_len, ignore_eos=True)).result()
             if done.finish_reason != "length":
@@ -83,7 +86,7 @@ def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int
             completions[i] = done
 
     before = batcher.stats()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -111,7 +114,8 @@ def table(report: dict) -> str:
         lines.append("  ".join(f"{'' if row.get(key) is None else row[key]!s:>{width}}" for key, _, width in columns))
     lines.append(f"{report['requests']} requests of {report['prompt_len']} prompt + {report['gen_len']} new tokens, "
                  f"{report['slots']} slots, {report['threads']} threads, prefill ≤ "
-                 f"{report['prefill_tokens_per_step']} prompt tokens per step; peak RSS {report['peak_rss_mb']} MB")
+                 f"{report['prefill_tokens_per_step']} prompt tokens per step (at least one prompt), clients started "
+                 f"over {report['ramp_up_s']} s; peak RSS {report['peak_rss_mb']} MB")
     return "\n".join(lines)
 
 
@@ -136,7 +140,9 @@ def parse_levels(text: str) -> list[int]:
 @click.option("--slots", type=click.IntRange(min=1), default=None,
               help="Cache slots of the batcher (default: the largest concurrency).")
 @click.option("--prefill-tokens-per-step", type=click.IntRange(min=1), default=None,
-              help="Prompt tokens prefilled per engine step, at least one prompt (default: a whole window).")
+              help="Prompt tokens prefilled per engine step, at least one prompt (default: the batcher's, 256).")
+@click.option("--ramp-up", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds over which the clients start, evenly spread (0: all at once, a burst of N arrivals).")
 @click.option("--sequential/--no-sequential", "sequential_run", default=True, show_default=True,
               help="Also run the requests one after another without the engine (the baseline).")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
@@ -145,7 +151,7 @@ def parse_levels(text: str) -> list[int]:
               help="Seconds to wait after loading and the warm-up, before the timed runs (see llama-bench).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_tokens_per_step, sequential_run,
+def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_tokens_per_step, ramp_up, sequential_run,
          backend, threads, settle, seed, as_json):
     """Load benchmark of in-flight batching: aggregate tokens/s, TTFT and inter-token latency under N clients.
 
@@ -186,7 +192,7 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
         runs = [sequential(engine, prompts, gen_len)] if sequential_run else []
         for clients in levels:
             to_stderr(f"{clients} clients …")
-            runs.append(closed_loop(batcher, prompts, gen_len, clients))
+            runs.append(closed_loop(batcher, prompts, gen_len, clients, ramp_up))
     finally:
         batcher.close()
     base = runs[0]["tokens_per_s"] if sequential_run else None
@@ -194,7 +200,8 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
         row["speedup"] = round(row["tokens_per_s"] / base, 2) if base else None
     report = {"artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "requests": requests,
               "prompt_len": prompt_len, "gen_len": gen_len, "slots": slots, "threads": threads,
-              "prefill_tokens_per_step": batcher.prefill_tokens_per_step, "settle_s": settle, "runs": runs,
+              "prefill_tokens_per_step": batcher.prefill_tokens_per_step, "ramp_up_s": ramp_up, "settle_s": settle,
+              "runs": runs,
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     click.echo(json.dumps(report) if as_json else table(report))
 
