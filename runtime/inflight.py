@@ -39,6 +39,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .artifact import Artifact, ArtifactError
+from .backends import open_backend, serves_slots
 from .sequence import GenerationError, Row, check_request
 from .sampling import SamplingParams, sample
 from .tokenizer import LlamaTokenizer
@@ -143,7 +145,7 @@ class InflightBatcher:
 
     def __init__(self, backend, tokenizer: LlamaTokenizer, slots: int = 4, max_queue: int = 64,
                  prefill_tokens_per_step: int | None = None):
-        if not hasattr(backend, "slot_cache"):
+        if not serves_slots(backend):
             raise ValueError(f"the in-flight batcher needs a static-cache backend; {type(backend).__name__} runs a "
                              f"growing cache: re-export with `llama-export ... --kv-cache static --max-seq-len N`")
         if slots < 1 or max_queue < 0:
@@ -167,11 +169,10 @@ class InflightBatcher:
 
     @classmethod
     def open(cls, artifact_dir: str | Path, slots: int = 4, max_queue: int = 64, backend: str = "ort",
-             threads: int | None = None, prefill_tokens_per_step: int | None = None) -> "InflightBatcher":
-        from .artifact import Artifact, ArtifactError
-        from .backends import open_backend
-
-        artifact = Artifact.open(artifact_dir)
+             threads: int | None = None, prefill_tokens_per_step: int | None = None,
+             log: Callable[[str], None] | None = None) -> "InflightBatcher":
+        """The artifact's backend and tokenizer under a batcher (`log` hears of large files being hashed)."""
+        artifact = Artifact.open(artifact_dir, log=log)
         if artifact.flavour != "static":
             raise ValueError(f"{artifact_dir}: a portable (growing-cache) artifact; the in-flight batcher serves "
                              f"static-cache ones: re-export with `llama-export ... --kv-cache static --max-seq-len N`")

@@ -27,13 +27,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .artifact import Artifact, ArtifactError
-from .backends import open_backend
+from .artifact import ArtifactError
 from .cli import ENVIRONMENT, to_stderr
 from .generate import decode_one_token, prefill
 from .hugepages import relaunch_with_huge_pages
 from .inflight import InflightBatcher, Request
-from .tokenizer import LlamaTokenizer
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -163,25 +161,19 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
     levels = parse_levels(concurrency)
     slots = slots or max(levels)
     try:
-        artifact = Artifact.open(directory, log=to_stderr)
-        if artifact.flavour != "static":
-            raise ArtifactError(f"{directory}: a portable (growing-cache) artifact; in-flight batching serves "
-                                f"static-cache ones: re-export with `llama-export ... --kv-cache static "
-                                f"--max-seq-len {prompt_len + gen_len}`")
-        if artifact.tokenizer_path is None:
-            raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
-        engine = open_backend(artifact, backend, threads)
-        if prompt_len + gen_len > engine.max_length:
-            raise ArtifactError(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
-                                f"{engine.max_length}")
+        batcher = InflightBatcher.open(directory, slots, max_queue=max(levels), backend=backend, threads=threads,
+                                       prefill_tokens_per_step=prefill_tokens_per_step, log=to_stderr)
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    engine = batcher.backend
+    if prompt_len + gen_len > engine.max_length:
+        batcher.close()
+        click.echo(f"error: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
+                   f"{engine.max_length}", err=True)
+        sys.exit(2)
     rng = np.random.default_rng(seed)
-    vocab = artifact.config["vocab_size"]
-    prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(requests)]
-    batcher = InflightBatcher(engine, LlamaTokenizer(artifact.tokenizer_path), slots=slots,
-                              max_queue=max(levels), prefill_tokens_per_step=prefill_tokens_per_step)
+    prompts = [rng.integers(3, batcher.vocab_size, prompt_len).tolist() for _ in range(requests)]
     try:
         warm = [batcher.submit(Request(prompts[i % requests][:8], 4, ignore_eos=True)) for i in range(slots)]
         for handle in warm:
@@ -198,7 +190,7 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
     base = runs[0]["tokens_per_s"] if sequential_run else None
     for row in runs:
         row["speedup"] = round(row["tokens_per_s"] / base, 2) if base else None
-    report = {"artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "requests": requests,
+    report = {"artifact": str(directory), "backend": backend, "requests": requests,
               "prompt_len": prompt_len, "gen_len": gen_len, "slots": slots, "threads": threads,
               "prefill_tokens_per_step": batcher.prefill_tokens_per_step, "ramp_up_s": ramp_up, "settle_s": settle,
               "runs": runs,
