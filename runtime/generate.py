@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .backends import serves_slots
 from .inflight import InflightBatcher, Request
 from .sampling import SamplingParams, sample
 from .sequence import GenerationError, Row, check_request
@@ -71,7 +72,7 @@ class Generation:
         self.results: list[Result] = []
 
     def __iter__(self) -> Iterator[list[str]]:
-        if len(self.seqs) > 1 and hasattr(self.backend, "slot_cache"):
+        if len(self.seqs) > 1 and serves_slots(self.backend):
             yield from self._inflight()
             return
         seqs, params = self.seqs, self.params

@@ -27,13 +27,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .artifact import Artifact, ArtifactError
-from .backends import open_backend
+from .artifact import ArtifactError
 from .cli import ENVIRONMENT, to_stderr
 from .generate import decode_one_token, prefill
 from .hugepages import relaunch_with_huge_pages
 from .inflight import InflightBatcher, Request
-from .tokenizer import LlamaTokenizer
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -69,13 +67,16 @@ def sequential(backend, prompts: list[list[int]], gen_len: int) -> dict:
     return summary("sequential", time.perf_counter() - start, tokens, ttft, gaps, 1, None)
 
 
-def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int, clients: int) -> dict:
-    """`clients` threads, each submitting the next request once its last one ended."""
+def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int, clients: int,
+                ramp_up: float = 0.0) -> dict:
+    """`clients` threads, each submitting the next request once its last one ended; client k starts
+    `k × ramp_up / clients` seconds after the first."""
     order = itertools.count()
     completions = [None] * len(prompts)
     failures: list[str] = []
 
-    def client() -> None:
+    def client(k: int) -> None:
+        time.sleep(k * ramp_up / clients)
         while (i := next(order)) < len(prompts):
             done = batcher.submit(Request(prompts[i], gen_len, ignore_eos=True)).result()
             if done.finish_reason != "length":
@@ -83,7 +84,7 @@ def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int
             completions[i] = done
 
     before = batcher.stats()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -111,7 +112,8 @@ def table(report: dict) -> str:
         lines.append("  ".join(f"{'' if row.get(key) is None else row[key]!s:>{width}}" for key, _, width in columns))
     lines.append(f"{report['requests']} requests of {report['prompt_len']} prompt + {report['gen_len']} new tokens, "
                  f"{report['slots']} slots, {report['threads']} threads, prefill ≤ "
-                 f"{report['prefill_tokens_per_step']} prompt tokens per step; peak RSS {report['peak_rss_mb']} MB")
+                 f"{report['prefill_tokens_per_step']} prompt tokens per step (at least one prompt), clients started "
+                 f"over {report['ramp_up_s']} s; peak RSS {report['peak_rss_mb']} MB")
     return "\n".join(lines)
 
 
@@ -136,7 +138,9 @@ def parse_levels(text: str) -> list[int]:
 @click.option("--slots", type=click.IntRange(min=1), default=None,
               help="Cache slots of the batcher (default: the largest concurrency).")
 @click.option("--prefill-tokens-per-step", type=click.IntRange(min=1), default=None,
-              help="Prompt tokens prefilled per engine step, at least one prompt (default: a whole window).")
+              help="Prompt tokens prefilled per engine step, at least one prompt (default: the batcher's, 256).")
+@click.option("--ramp-up", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds over which the clients start, evenly spread (0: all at once, a burst of N arrivals).")
 @click.option("--sequential/--no-sequential", "sequential_run", default=True, show_default=True,
               help="Also run the requests one after another without the engine (the baseline).")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
@@ -145,7 +149,7 @@ def parse_levels(text: str) -> list[int]:
               help="Seconds to wait after loading and the warm-up, before the timed runs (see llama-bench).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_tokens_per_step, sequential_run,
+def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_tokens_per_step, ramp_up, sequential_run,
          backend, threads, settle, seed, as_json):
     """Load benchmark of in-flight batching: aggregate tokens/s, TTFT and inter-token latency under N clients.
 
@@ -157,25 +161,19 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
     levels = parse_levels(concurrency)
     slots = slots or max(levels)
     try:
-        artifact = Artifact.open(directory, log=to_stderr)
-        if artifact.flavour != "static":
-            raise ArtifactError(f"{directory}: a portable (growing-cache) artifact; in-flight batching serves "
-                                f"static-cache ones: re-export with `llama-export ... --kv-cache static "
-                                f"--max-seq-len {prompt_len + gen_len}`")
-        if artifact.tokenizer_path is None:
-            raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
-        engine = open_backend(artifact, backend, threads)
-        if prompt_len + gen_len > engine.max_length:
-            raise ArtifactError(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
-                                f"{engine.max_length}")
+        batcher = InflightBatcher.open(directory, slots, max_queue=max(levels), backend=backend, threads=threads,
+                                       prefill_tokens_per_step=prefill_tokens_per_step, log=to_stderr)
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    engine = batcher.backend
+    if prompt_len + gen_len > engine.max_length:
+        batcher.close()
+        click.echo(f"error: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
+                   f"{engine.max_length}", err=True)
+        sys.exit(2)
     rng = np.random.default_rng(seed)
-    vocab = artifact.config["vocab_size"]
-    prompts = [rng.integers(3, vocab, prompt_len).tolist() for _ in range(requests)]
-    batcher = InflightBatcher(engine, LlamaTokenizer(artifact.tokenizer_path), slots=slots,
-                              max_queue=max(levels), prefill_tokens_per_step=prefill_tokens_per_step)
+    prompts = [rng.integers(3, batcher.vocab_size, prompt_len).tolist() for _ in range(requests)]
     try:
         warm = [batcher.submit(Request(prompts[i % requests][:8], 4, ignore_eos=True)) for i in range(slots)]
         for handle in warm:
@@ -186,15 +184,16 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
         runs = [sequential(engine, prompts, gen_len)] if sequential_run else []
         for clients in levels:
             to_stderr(f"{clients} clients …")
-            runs.append(closed_loop(batcher, prompts, gen_len, clients))
+            runs.append(closed_loop(batcher, prompts, gen_len, clients, ramp_up))
     finally:
         batcher.close()
     base = runs[0]["tokens_per_s"] if sequential_run else None
     for row in runs:
         row["speedup"] = round(row["tokens_per_s"] / base, 2) if base else None
-    report = {"artifact": str(directory), "backend": backend, "dtype": artifact.dtype, "requests": requests,
+    report = {"artifact": str(directory), "backend": backend, "requests": requests,
               "prompt_len": prompt_len, "gen_len": gen_len, "slots": slots, "threads": threads,
-              "prefill_tokens_per_step": batcher.prefill_tokens_per_step, "settle_s": settle, "runs": runs,
+              "prefill_tokens_per_step": batcher.prefill_tokens_per_step, "ramp_up_s": ramp_up, "settle_s": settle,
+              "runs": runs,
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     click.echo(json.dumps(report) if as_json else table(report))
 
