@@ -393,3 +393,14 @@ def test_serve_bench_counts_every_token(served):
     report = json.loads(r.stdout)
     assert [(lv["clients"], lv["requests"], lv["tokens"]) for lv in report["levels"]] == [(1, 6, 72), (4, 6, 72)]
     assert report["rss"]["run"]["tokens"] == 8 * 12 and report["rss"]["before_mb"] > 50
+
+
+def test_llama_serve_takes_an_artifact_directly(artifact, reference):
+    server = Served(artifact, "--slots", "2", "--threads", "1")
+    try:
+        assert server.endpoints["models"] == ["llama"]
+        got = generate(server, {"text_input": PROMPTS[6], "max_tokens": 16, "exclude_input_in_output": True}).json()
+        assert got["text_output"] == reference(PROMPTS[6], 16).text
+    finally:
+        assert server.stop() == 0
+    assert not pid_alive(server.server_pid) and not server.leftover_shm()
