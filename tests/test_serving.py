@@ -343,7 +343,7 @@ def test_model_that_cannot_load_ends_llama_serve_with_the_reason(artifact, tmp_p
         f.truncate(1000)
     shm_before = set(glob.glob(SHM))
     start = time.monotonic()
-    r = run_cli("llama-serve", tmp_path / "repo", "--timeout", "60")
+    r = run_cli("llama-serve", tmp_path / "repo", "--timeout", "60", "--log", tmp_path / "server.log")
     assert r.returncode == 1 and "Traceback (most recent call last)" not in r.stderr.splitlines()[0]
     assert "model.onnx.data: 1000 bytes, the manifest says" in r.stderr and "broken" in r.stderr
     assert time.monotonic() - start < 60
@@ -375,7 +375,7 @@ def test_a_stub_that_cannot_start_ends_in_the_timeout_not_a_hang(artifact, tmp_p
     (target / "config.pbtxt").write_text(text_format.MessageToString(config))
     shm_before = set(glob.glob(SHM))
     start = time.monotonic()
-    r = run_cli("llama-serve", tmp_path / "repo", "--timeout", "6")
+    r = run_cli("llama-serve", tmp_path / "repo", "--timeout", "6", "--log", tmp_path / "server.log")
     assert r.returncode == 1 and "tritonserver was not ready within 6 s" in r.stderr
     assert time.monotonic() - start < 6 + 20
     assert not orphaned_shm(shm_before)
