@@ -2,8 +2,9 @@
 latency (p50/p95), and the server's memory (RSS of its process tree) before and after a run of many requests.
 
 Each of C clients sends a request, reads its stream to the end, and sends the next, until the level's requests
-are done; every prompt is `--prompt-tokens` random token ids (BOS first; seeded, the same across servers) and asks
-for `--new-tokens` tokens, greedy, past end-of-sequence (`ignore_eos`). Targets:
+are done; the prompts are llama-load-bench's (`--prompt-tokens` random token ids, seeded: the same requests as the
+in-process benchmark and across servers), each asking for `--new-tokens` tokens, greedy, past end-of-sequence
+(`ignore_eos`). The figures are llama-load-bench's, named the same, so the rows compare side by side. Targets:
 
   triton  Triton's gRPC streaming (tritonclient.grpc) to a llama-triton model, prompts as `input_ids`
   openai  an OpenAI-compatible /v1/completions with "stream": true and the prompt as a list of token ids
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import statistics
 import sys
 import threading
 import time
@@ -26,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.load_bench import summary  # the same figures, named the same, as the in-process benchmark
+
 
 def prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """llama-load-bench's prompts (the same seed gives the same requests): `length` random ids from 3..vocab-1."""
     rng = np.random.default_rng(seed)
-    return [[1] + rng.integers(3, vocab, length - 1).tolist() for _ in range(count)]
+    return [rng.integers(3, vocab, length).tolist() for _ in range(count)]
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -104,7 +107,7 @@ def openai_stream(url: str, model: str):
 
 def level(connect, clients: int, requests: int, ids: list[list[int]], new_tokens: int) -> dict:
     """`requests` requests through `clients` closed-loop clients; the figures of the run."""
-    todo = iter(range(requests))
+    todo = iter(range(requests))  # request i is prompt i, in every level (as llama-load-bench runs them)
     lock, ttft, gaps, tokens = threading.Lock(), [], [], [0]
 
     def client():
@@ -133,13 +136,7 @@ def level(connect, clients: int, requests: int, ids: list[list[int]], new_tokens
         t.join()
     wall = time.perf_counter() - start
 
-    def pct(values, q):
-        return round(float(np.percentile(values, q)) * 1000, 2) if values else None
-
-    return {"clients": clients, "requests": requests, "tokens": tokens[0], "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens[0] / wall, 2), "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95),
-            "itl_ms_p50": pct(gaps, 50), "itl_ms_p95": pct(gaps, 95),
-            "itl_ms_mean": round(statistics.fmean(gaps) * 1000, 2) if gaps else None}
+    return summary(f"{clients} clients", wall, tokens[0], ttft, gaps, clients, None)
 
 
 def main(argv=None) -> int:
@@ -148,10 +145,11 @@ def main(argv=None) -> int:
     ap.add_argument("url", help="triton: host:grpc_port; openai: http://host:port/v1")
     ap.add_argument("--model", default="llama")
     ap.add_argument("--clients", default="1,4,8,16", help="Concurrency levels, comma separated.")
-    ap.add_argument("--requests", type=int, default=0, help="Requests per level (default: 2 per client, at least 4).")
+    ap.add_argument("--requests", type=int, default=16, help="Requests per level, the same ones in every level.")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=32000, help="Prompt ids are drawn from 3..vocab-1.")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of the random prompts (llama-load-bench's --seed).")
     ap.add_argument("--warmup", type=int, default=2, help="Requests before the first level (not measured).")
     ap.add_argument("--server-pid", type=int, default=None, help="Report the RSS of this process tree.")
     ap.add_argument("--rss-requests", type=int, default=0,
@@ -159,17 +157,16 @@ def main(argv=None) -> int:
                          "server's RSS before and after them (needs --server-pid).")
     ap.add_argument("--json", action="store_true", help="One JSON object instead of a table.")
     args = ap.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
     connect = (lambda: triton_stream(args.url, args.model)) if args.target == "triton" else \
         (lambda: openai_stream(args.url, args.model))
-    ids = prompts(64, args.prompt_tokens, args.vocab)
-    levels = [int(c) for c in args.clients.split(",")]
+    ids = prompts(args.requests, args.prompt_tokens, args.vocab, args.seed)
     report = {"target": args.target, "url": args.url, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "levels": []}
     if args.warmup:
         level(connect, 1, args.warmup, ids, args.new_tokens)
     for clients in levels:
-        requests = args.requests or max(2 * clients, 4)
-        report["levels"].append(level(connect, clients, requests, ids, args.new_tokens))
+        report["levels"].append(level(connect, clients, args.requests, ids, args.new_tokens))
         if not args.json:
             print(json.dumps(report["levels"][-1]), file=sys.stderr)
     if args.rss_requests and args.server_pid:
@@ -185,8 +182,8 @@ def main(argv=None) -> int:
     else:
         print(f"{'clients':>7} {'tok/s':>9} {'ttft p50':>9} {'ttft p95':>9} {'itl p50':>8} {'itl p95':>8}  (ms)")
         for r in report["levels"]:
-            print(f"{r['clients']:>7} {r['tokens_per_s']:>9} {r['ttft_ms_p50']:>9} {r['ttft_ms_p95']:>9} "
-                  f"{r['itl_ms_p50']:>8} {r['itl_ms_p95']:>8}")
+            print(f"{r['clients']:>7} {r['tokens_per_s']:>9} {r['ttft_p50_ms']:>9} {r['ttft_p95_ms']:>9} "
+                  f"{r['itl_p50_ms']:>8} {r['itl_p95_ms']:>8}")
         if "rss" in report:
             print(f"RSS {report['rss']['before_mb']} MB -> {report['rss']['after_mb']} MB after "
                   f"{args.rss_requests} requests ({report['rss']['growth_pct']:+}%)")

@@ -2,73 +2,25 @@
 
 Prompts of different lengths form one left-padded batch; each row finishes on its own (EOS, a stop
 token id, a stop string, max_new_tokens or the context window), and a finished row leaves the batch
-(`backend.keep_rows`), so it costs no more compute.
+(`backend.keep_rows`), so it costs no more compute. Several prompts on a static-cache backend go through the
+in-flight batcher instead (`runtime.inflight`: each prompt in a slot of its own, at its own position, no padding),
+the one code path for batching a static cache. Each row samples with a generator of its own seeded from
+`params.seed`, so a prompt's tokens do not depend on the other prompts of its batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import queue
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .backends import serves_slots
+from .inflight import InflightBatcher, Request
 from .sampling import SamplingParams, sample
-from .tokenizer import LlamaTokenizer, StreamDecoder
-
-
-class GenerationError(ValueError):
-    pass
-
-
-def check_request(prompt_tokens: int, max_new_tokens: int, max_length: int, stop_strings: Sequence[str],
-                  error: type[ValueError] = GenerationError) -> None:
-    """Refuse, with the numbers, a request that cannot run: a prompt that fills the window, max_new_tokens < 1 or
-    past the window, an empty stop string."""
-    if prompt_tokens >= max_length:
-        raise error(f"a prompt has {prompt_tokens} tokens; the context window is {max_length}, leaving no room to "
-                    f"generate — shorten the prompt")
-    if any(not s for s in stop_strings):
-        raise error("a stop string is empty; give at least one character of text to stop at")
-    if max_new_tokens < 1:
-        raise error(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if prompt_tokens + max_new_tokens > max_length:
-        raise error(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context window "
-                    f"of {max_length}; lower max_new_tokens to {max_length - prompt_tokens} or less")
-
-
-@dataclass
-class Row:
-    """One prompt's state during generation: its tokens and text so far, decoded incrementally (never half a
-    character), and why it finished. Shared by `Generation` and the in-flight batcher (`runtime.inflight`)."""
-
-    prompt: list[int]
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    stream: StreamDecoder | None = field(default=None, repr=False)
-
-    def start(self, tokenizer: LlamaTokenizer) -> None:
-        """The prompt goes through the stream decoder first, so that the first new piece keeps its space."""
-        self.stream = tokenizer.stream()
-        for token in self.prompt:
-            self.stream.push(token)
-
-    def advance(self, token: int, stops: set[int], stop_strings: Sequence[str], max_new_tokens: int) -> str:
-        """Record one sampled token; the text it adds. A stop id ends the row without being kept; a stop string
-        ends it with the text cut before the string; the `max_new_tokens`-th token ends it for "length"."""
-        if token in stops:
-            self.finish_reason = "stop"
-            delta = self.stream.flush()
-        else:
-            self.tokens.append(token)
-            delta = self.stream.push(token)
-            hit = next((s for s in stop_strings if s in self.text + delta), None)
-            if hit:
-                delta, self.finish_reason = (self.text + delta)[len(self.text):(self.text + delta).index(hit)], "stop"
-            elif len(self.tokens) == max_new_tokens:
-                delta, self.finish_reason = delta + self.stream.flush(), "length"
-        self.text += delta
-        return delta
+from .sequence import GenerationError, Row, check_request
+from .tokenizer import LlamaTokenizer
 
 
 @dataclass(frozen=True)
@@ -120,15 +72,23 @@ class Generation:
         self.results: list[Result] = []
 
     def __iter__(self) -> Iterator[list[str]]:
-        seqs, rng = self.seqs, np.random.default_rng(self.params.seed)
+        if len(self.seqs) > 1 and serves_slots(self.backend):
+            yield from self._inflight()
+            return
+        seqs, params = self.seqs, self.params
+        rngs = [np.random.default_rng(params.seed) for _ in seqs]
         for seq in seqs:
             seq.start(self.tokenizer)
         logits, past, mask, last_pos = prefill(self.backend, [s.prompt for s in seqs])
         active = list(range(len(seqs)))  # the sequence behind each row of the backend's batch
         for step in range(self.max_new_tokens):
             rows = [seqs[i] for i in active]
-            seen = [s.prompt + s.tokens for s in rows] if self.params.repetition_penalty != 1.0 else None
-            tokens = sample(logits, self.params, rng, seen)
+            seen = [s.prompt + s.tokens for s in rows] if params.repetition_penalty != 1.0 else None
+            if params.temperature == 0:
+                tokens = sample(logits, params, None, seen)
+            else:
+                tokens = np.array([sample(logits[r:r + 1], params, rngs[i], seen and seen[r:r + 1])[0]
+                                   for r, i in enumerate(active)])
             deltas = [""] * len(seqs)
             for i, token in zip(active, tokens):
                 if not seqs[i].finish_reason:
@@ -143,6 +103,34 @@ class Generation:
                 active = [active[row] for row in running]
             logits, past, mask, last_pos = decode_one_token(self.backend, tokens, past, mask, last_pos)
         self.results = [Result(s.tokens, s.text, s.finish_reason or "length") for s in seqs]
+
+    def _inflight(self) -> Iterator[list[str]]:
+        """The prompts as requests of an in-flight batcher with a slot each, all admitted in its first step; each
+        event yields its row's new text."""
+        count = len(self.seqs)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        batcher = InflightBatcher(self.backend, self.tokenizer, slots=count, max_queue=count,
+                                  prefill_tokens_per_step=sum(len(s.prompt) for s in self.seqs))
+        try:
+            requests = [Request(s.prompt, self.max_new_tokens, self.params, self.stop_strings,
+                                tuple(self.stops - {self.tokenizer.eos_id})) for s in self.seqs]
+            batcher.submit_many(requests, [lambda event, row=row: events.put((row, event)) for row in range(count)])
+            results: list[Result | None] = [None] * count
+            while None in results:
+                row, event = events.get()
+                deltas = [""] * count
+                deltas[row] = event.text
+                if event.final:
+                    done = event.result
+                    if done.finish_reason == "error":
+                        raise RuntimeError(f"generation of prompt {row + 1} failed: {done.error}")
+                    results[row] = Result(done.tokens, done.text, done.finish_reason)
+                    self.seqs[row].tokens, self.seqs[row].text = done.tokens, done.text
+                    self.seqs[row].finish_reason = done.finish_reason
+                yield deltas
+            self.results = results
+        finally:
+            batcher.close()
 
 
 def generate(backend, tokenizer, prompts, max_length, max_new_tokens, params=SamplingParams(),

@@ -7,8 +7,8 @@ backend's `SlotCache` keeps every row's length and mask). Its own thread runs th
 1. cancelled rows leave;
 2. admission: waiting requests take free slots in arrival order and are prefilled **alone**, one after the
    other (batch 1, the whole prompt, written straight into the slot's rows of the shared buffers), while this
-   step's prefilled prompt tokens stay within `prefill_tokens_per_step` (the first one always goes: a prompt is
-   never split). A prefill alone is the very computation of the request's solo run, so its first token is, bit
+   step's prefilled prompt tokens stay within `prefill_tokens_per_step` (default 256; the first one always goes: a
+   prompt is never split). A prefill alone is the very computation of the request's solo run, so its first token is, bit
    for bit, the solo run's; the first token is sent as soon as its prefill ends. The running rows wait at most
    `max(prefill_tokens_per_step, one prompt)` tokens of prefill per step (a prompt is at most one window);
 3. one decode step over all running rows, each at its own position (per-row `write_indices`, positions and
@@ -39,11 +39,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .generate import GenerationError, Row, check_request
+from .artifact import Artifact, ArtifactError
+from .backends import open_backend, serves_slots
+from .sequence import GenerationError, Row, check_request
 from .sampling import SamplingParams, sample
 from .tokenizer import LlamaTokenizer
 
 log = logging.getLogger(__name__)
+PREFILL_TOKENS_PER_STEP = 256  # default admission budget of a step (docs/inflight.md: why)
 
 
 class Busy(RuntimeError):
@@ -142,7 +145,7 @@ class InflightBatcher:
 
     def __init__(self, backend, tokenizer: LlamaTokenizer, slots: int = 4, max_queue: int = 64,
                  prefill_tokens_per_step: int | None = None):
-        if not hasattr(backend, "slot_cache"):
+        if not serves_slots(backend):
             raise ValueError(f"the in-flight batcher needs a static-cache backend; {type(backend).__name__} runs a "
                              f"growing cache: re-export with `llama-export ... --kv-cache static --max-seq-len N`")
         if slots < 1 or max_queue < 0:
@@ -150,7 +153,7 @@ class InflightBatcher:
         self.backend, self.tokenizer = backend, tokenizer
         self.slots, self.max_queue = slots, max_queue
         self.max_length = backend.max_length
-        self.prefill_tokens_per_step = prefill_tokens_per_step or self.max_length
+        self.prefill_tokens_per_step = prefill_tokens_per_step or PREFILL_TOKENS_PER_STEP
         self.vocab_size = tokenizer.vocab_size
         self._cache = backend.slot_cache(slots)
         self._rows: list[_Sequence] = []  # row i of the cache holds _rows[i]; rows 0..n-1, no gaps
@@ -166,11 +169,10 @@ class InflightBatcher:
 
     @classmethod
     def open(cls, artifact_dir: str | Path, slots: int = 4, max_queue: int = 64, backend: str = "ort",
-             threads: int | None = None, prefill_tokens_per_step: int | None = None) -> "InflightBatcher":
-        from .artifact import Artifact, ArtifactError
-        from .backends import open_backend
-
-        artifact = Artifact.open(artifact_dir)
+             threads: int | None = None, prefill_tokens_per_step: int | None = None,
+             log: Callable[[str], None] | None = None) -> "InflightBatcher":
+        """The artifact's backend and tokenizer under a batcher (`log` hears of large files being hashed)."""
+        artifact = Artifact.open(artifact_dir, log=log)
         if artifact.flavour != "static":
             raise ValueError(f"{artifact_dir}: a portable (growing-cache) artifact; the in-flight batcher serves "
                              f"static-cache ones: re-export with `llama-export ... --kv-cache static --max-seq-len N`")
@@ -196,6 +198,29 @@ class InflightBatcher:
     def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
         """Queue a request; its handle. Raises `RequestRejected` for a request that cannot run, `Busy` when the
         waiting queue is full."""
+        return self.submit_many([request], [on_event])[0]
+
+    def submit_many(self, requests: Sequence[Request],
+                    on_events: Sequence[Callable[[Event], None] | None] | None = None) -> list[Handle]:
+        """Queue several requests at once, all or none (each checked first), in one step's admission if they fit."""
+        checked = [self._check(request) for request in requests]
+        on_events = on_events or [None] * len(checked)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the in-flight batcher is closed")
+            if len(self._waiting) + len(checked) > self.max_queue:
+                raise Busy(f"busy: the waiting queue is full ({len(self._waiting)} of {self.max_queue} requests "
+                           f"waiting for {self.slots} slots); retry later")
+            handles = []
+            for (ids, max_new_tokens, params, stops, stop_strings), on_event in zip(checked, on_events):
+                handles.append(Handle(self, next(self._ids)))
+                self._waiting.append(_Sequence(handles[-1], ids, max_new_tokens, params, stops, stop_strings,
+                                               on_event))
+            self._cond.notify()
+        return handles
+
+    def _check(self, request: Request) -> tuple:
+        """A request's prompt ids, max_new_tokens, sampling parameters, stop ids and stop strings, checked."""
         ids = self._prompt_ids(request.prompt)
         if not ids:
             raise RequestRejected("a prompt is empty; give at least one token of text")
@@ -215,19 +240,8 @@ class InflightBatcher:
         bad = [i for i in stop_ids if not 0 <= i < self.vocab_size]
         if bad:
             raise RequestRejected(f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        with self._cond:
-            if self._closing:
-                raise RuntimeError("the in-flight batcher is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise Busy(f"busy: the waiting queue is full ({len(self._waiting)} of {self.max_queue} requests "
-                           f"waiting for {self.slots} slots); retry later")
-            handle = Handle(self, next(self._ids))
-            stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
-            seq = _Sequence(handle, ids, int(request.max_new_tokens), params, stops,
-                            tuple(request.stop_strings), on_event)
-            self._waiting.append(seq)
-            self._cond.notify()
-        return handle
+        stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
+        return ids, int(request.max_new_tokens), params, stops, tuple(request.stop_strings)
 
     def stats(self) -> dict:
         with self._cond:

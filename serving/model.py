@@ -3,8 +3,8 @@
 `execute` checks each request's inputs, submits it to `runtime.inflight.InflightBatcher` and returns at once.
 The engine's thread hands each event to a queue; one sender thread of this model turns the events into
 responses (`response_sender.send`, the last with TRITONSERVER_RESPONSE_COMPLETE_FINAL), checks
-`request.is_cancelled()` at each event (so a cancelled stream leaves the batch within one step; requests still
-waiting are checked every SWEEP_S) and reports the custom metrics. Keeping Triton's IPC off the engine's
+`request.is_cancelled()` at each event (so a cancelled stream leaves the batch within one step) and for every
+request in flight every SWEEP_S (requests still waiting, and any behind a backlog of responses) and reports the custom metrics. Keeping Triton's IPC off the engine's
 thread keeps the engine stepping while responses are sent.
 
 `llama-triton` copies this file into REPO/NAME/1/model.py; the interface is `serving.interface`.
@@ -62,12 +62,19 @@ def _text(value, name: str) -> str:
 class Live:
     """One request in flight: its Triton request and sender, the engine's handle, what it asked for."""
 
-    __slots__ = ("request", "sender", "handle", "stream", "prefix", "text", "tokens", "last_seen")
+    __slots__ = ("request", "sender", "handle", "stream", "prefix", "text", "tokens", "cancelled")
 
     def __init__(self, request, stream: bool, prefix: str):
         self.request, self.sender, self.handle = request, request.get_response_sender(), None
         self.stream, self.prefix, self.text, self.tokens = stream, prefix, [], []
-        self.last_seen = time.monotonic()
+        self.cancelled = False
+
+    def check_cancelled(self) -> bool:
+        """Whether the client cancelled (or went away); if so the engine is told, once."""
+        if not self.cancelled and self.handle is not None and self.request.is_cancelled():
+            self.cancelled = True
+            self.handle.cancel()  # the engine drops the row within one step and sends the final event
+        return self.cancelled
 
 
 class TritonPythonModel:
@@ -193,11 +200,14 @@ class TritonPythonModel:
                 self.outbox.put(("register", live, None))  # before any of its events: the queue keeps the order
                 live.handle = self.batcher.submit(engine_request,
                                                   on_event=lambda e, live=live: self.outbox.put(("event", live, e)))
-            except (BadRequest, RequestRejected, Busy) as err:
+            except Exception as err:  # each request gets its own answer; the others in this call go on
                 message = str(err)
                 if isinstance(err, Busy):
                     message = (f"the queue is full ({self.max_queue} requests waiting, --queue {self.max_queue}): "
                                f"retry later ({err})")
+                elif not isinstance(err, (BadRequest, RequestRejected)):
+                    message = f"the request failed: {err!r}"
+                    pb_utils.Logger.log_error(f"{self.name}: {message}")
                 sender = live.sender if live is not None else request.get_response_sender()
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
                 self.outbox.put(("reject", live, None))
@@ -219,10 +229,8 @@ class TritonPythonModel:
                 live.handle.cancel()
 
     def _deliver(self, live: Live, event):
-        live.last_seen = time.monotonic()
         if not event.final:
-            if live.handle is not None and live.request.is_cancelled():
-                live.handle.cancel()  # the engine drops the row within one step and sends the final event
+            if live.check_cancelled():
                 return
             if live.stream:
                 if event.text or event.tokens:
@@ -250,11 +258,8 @@ class TritonPythonModel:
             self._send(live, self._response(live.prefix + "".join(live.text), live.tokens, done.finish_reason), FINAL)
 
     def _sweep(self):
-        now = time.monotonic()
-        for live in list(self.live.values()):
-            if live.handle is not None and now - live.last_seen >= SWEEP_S and live.request.is_cancelled():
-                live.handle.cancel()
-                live.last_seen = now
+        for live in list(self.live.values()):  # also while a backlog of events waits to be sent
+            live.check_cancelled()
         self._gauges()
 
     def _send_loop(self):

@@ -63,6 +63,9 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
          queue, threads, backend, as_json):
     """Serve a Triton model repository (from llama-triton) or an artifact directory with tritonserver.
 
+    Prints the endpoints when the server is ready; a model that cannot load ends with the server's reason
+    within --timeout. Ctrl-C or SIGTERM lets in-flight streams finish, stops the server and exits 0.
+
     \b
     Examples:
       llama-serve repo

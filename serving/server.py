@@ -71,7 +71,7 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def _mapped_paths() -> set[str]:
+def mapped_paths() -> set[str]:
     """Files mapped by any process now (to leave other servers' shared memory alone)."""
     mapped = set()
     for maps in glob.glob("/proc/[0-9]*/maps"):
@@ -195,7 +195,7 @@ class TritonServer:
         new = set(glob.glob(SHM_GLOB)) - self._shm_before
         if not new:
             return []
-        mapped = _mapped_paths()
+        mapped = mapped_paths()
         removed = [p for p in sorted(new) if p not in mapped]
         for path in removed:
             try:

@@ -101,7 +101,14 @@ class Served:
         return self.process.returncode
 
     def leftover_shm(self) -> set[str]:
-        return set(glob.glob(SHM)) - self.shm_before
+        return orphaned_shm(self.shm_before)
+
+
+def orphaned_shm(before: set[str]) -> set[str]:
+    """Python-backend segments made since `before` that no process maps (another server's live ones are mapped)."""
+    from serving.server import mapped_paths
+
+    return set(glob.glob(SHM)) - before - mapped_paths()
 
 
 def pid_alive(pid: int) -> bool:

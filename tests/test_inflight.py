@@ -3,6 +3,9 @@ engine at staggered times give, token for token, their solo runs; cancellation, 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -187,6 +190,23 @@ def test_full_queue_and_bad_requests_are_refused(artifacts, tokenizer):
         assert batcher.stats()["queued"] == 0
 
 
+def test_llama_generate_batches_a_static_artifact_through_the_engine(artifacts, tokenizer):
+    """Several --prompt on a static-cache artifact: each row equals its prompt's solo run, seeded sampling included
+    (each prompt samples with a generator of its own)."""
+    artifact, backend = artifacts("tiny")
+    prompts = ["A list comprehension", "The tutorial explains how", "Hello"]
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", str(artifact.directory),
+                          *[arg for p in prompts for arg in ("--prompt", p)], "--json", "--max-new-tokens", "12",
+                          "--temperature", "0.9", "--seed", "4"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    params = SamplingParams(temperature=0.9, seed=4)
+    expected = [solo(backend, tokenizer, Request(tokenizer.encode(p), 12, params)) for p in prompts]
+    assert [r["prompt"] for r in rows] == prompts
+    assert [(r["tokens"], r["text"], r["finish_reason"]) for r in rows] == \
+        [(e.tokens, e.text, e.finish_reason) for e in expected]
+
+
 class FaultyBackend:
     """The real backend, made to raise in chosen steps: a prefill of a prompt that starts with `poison`, and the
     `decode_fault`-th decode step (the computation itself is real; only the fault is injected)."""
@@ -252,3 +272,47 @@ def test_open_refuses_a_portable_artifact(tmp_path):
     with pytest.raises(ValueError, match=r"a portable \(growing-cache\) artifact; the in-flight batcher serves "
                                          r"static-cache ones: re-export with `llama-export .* --kv-cache static"):
         InflightBatcher.open(out)
+
+
+def test_trt_static_engine_serves_the_same_interface(tmp_path, tokenizer):
+    """The trt backend's slot cache (runtime/backends/trt.py) under the batcher: each request equals its solo run
+    on the same engine. Needs TensorRT 11 and a CUDA GPU; skips (saying which is missing) elsewhere."""
+    from exporter.engine import build_engine, tensorrt_status
+    from exporter.trt_profiles import limits
+
+    here = tensorrt_status()
+    if not here.usable:
+        pytest.skip(f"needs TensorRT 11 and a CUDA GPU: {here.reason}")
+    out = tmp_path / "trt"
+    manifest = build_artifact(RandomCheckpoint(GQA, seed=9), out, "float32", tokenizer=TINY_DIR / "tokenizer.model",
+                              log=lambda m: None, target="trt", optimize=True, max_seq=WINDOW)
+    build_engine(out, manifest, limits(manifest["graph"], manifest["model"]["config"], max_batch=4, max_input_len=64,
+                                       max_seq_len=None), timing_cache=tmp_path / "timing.cache", log=lambda m: None)
+    backend = open_backend(Artifact.open(out), "trt")
+    work = requests(6, seed=3)
+    expected = [solo(backend, tokenizer, r) for r in work]
+    with InflightBatcher(backend, tokenizer, slots=4) as batcher:
+        results = [h.result(120) for h in [batcher.submit(r) for r in work]]
+        assert batcher.stats()["max_running_in_a_step"] == 4
+    assert [r.tokens for r in results] == [e.tokens for e in expected]
+
+
+def test_load_bench_reports_consistent_figures(artifacts):
+    artifact, _ = artifacts("gqa")
+    out = subprocess.run([sys.executable, "-m", "runtime.load_bench", str(artifact.directory), "--concurrency", "1,4",
+                          "--requests", "6", "--prompt-len", "16", "--gen-len", "10", "--settle", "0", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    runs = {row["mode"]: row for row in report["runs"]}
+    assert list(runs) == ["sequential", "1 clients", "4 clients"] and report["slots"] == 4
+    for row in runs.values():
+        assert row["tokens"] == 60 and row["requests"] == 6
+        assert row["tokens_per_s"] == pytest.approx(60 / row["wall_s"], rel=0.05)
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / runs["sequential"]["tokens_per_s"], abs=0.01)
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p95_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p95_ms"]
+    assert runs["1 clients"]["occupancy"] == pytest.approx(0.25, abs=0.01)  # one row of 4 slots in every step
+    assert 0.25 < runs["4 clients"]["occupancy"] <= 1 and report["peak_rss_mb"] > 50
+    bad = subprocess.run([sys.executable, "-m", "runtime.load_bench", str(artifact.directory), "--concurrency", "0,2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "give client counts ≥ 1" in bad.stderr and "Traceback" not in bad.stderr

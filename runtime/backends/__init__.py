@@ -31,7 +31,8 @@ from .feeds import NUMPY_DTYPES, Past, aligned_copy, aligned_empty, ort_feed, st
 from .ort import OrtBackend, SlotCache, StaticCache, StaticOrtBackend
 
 __all__ = ["BACKENDS", "Backend", "NUMPY_DTYPES", "OrtBackend", "Past", "SlotBackend", "SlotCache", "StaticCache",
-           "StaticOrtBackend", "aligned_copy", "aligned_empty", "open_backend", "ort_feed", "static_feed"]
+           "StaticOrtBackend", "aligned_copy", "aligned_empty", "open_backend", "ort_feed", "serves_slots",
+           "static_feed"]
 
 
 class Backend(Protocol):
@@ -69,6 +70,11 @@ class SlotBackend(Backend, Protocol):
 
     def move_row(self, cache, source: int, target: int) -> None:
         """Put row `source`'s sequence in row `target` (source is left empty)."""
+
+
+def serves_slots(backend) -> bool:
+    """Whether the backend serves a pool of sequences (`SlotBackend`): a static-cache ort or trt backend."""
+    return hasattr(backend, "slot_cache") and getattr(backend, "flavour", "static") == "static"
 
 
 BACKENDS = ("ort", "trt", "torch")

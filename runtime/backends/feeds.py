@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -53,3 +55,49 @@ def static_feed(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids:
     feed["position_ids"][...] = position_ids
     feed["write_indices"][...] = written
     return feed
+
+
+@dataclass
+class SlotState:
+    """What a slot cache keeps per row, as gpt-fast's KVCache does: each row's filled length and its
+    `[rows, max_sequence_length]` mask of real slots, extended in place by a step (the new tokens' entries only) and
+    never rebuilt. Shared by the ort and trt slot caches."""
+    lengths: np.ndarray  # int64 [rows]
+    mask: np.ndarray  # int64 [rows, max_sequence_length]
+
+    @staticmethod
+    def arrays(rows: int, slots: int) -> tuple[np.ndarray, np.ndarray]:
+        mask = aligned_empty((rows, slots), np.int64)
+        mask[...] = 0
+        return np.zeros(rows, np.int64), mask
+
+    def begin(self, start: int, stop: int, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows start..stop-1 take `input_ids` `[rows, seq]`: their new slots become real; (their lengths before the
+        step, the new tokens' positions). Checked against the cache's slots."""
+        batch, seq = input_ids.shape
+        slots = self.mask.shape[1]
+        if batch != stop - start or not 0 <= start < stop <= len(self.lengths):
+            raise ValueError(f"{batch} rows of input for cache rows {start}..{stop - 1} of {len(self.lengths)}")
+        lengths = self.lengths[start:stop]
+        if int(lengths.max()) + seq > slots:
+            raise ValueError(f"{int(lengths.max()) + seq} tokens do not fit the static cache of {slots} slots; "
+                             f"re-export with a larger --max-seq-len")
+        for row, length in enumerate(lengths):
+            self.mask[start + row, length:length + seq] = 1
+        return lengths.copy(), lengths[:, None] + np.arange(seq)
+
+    def end(self, start: int, stop: int, seq: int, ran: bool) -> None:
+        """After the step: the rows grow by `seq`, or (`ran` False: the step failed) their new slots are unmarked."""
+        if ran:
+            self.lengths[start:stop] += seq
+            return
+        for row in range(start, stop):
+            self.mask[row, self.lengths[row]:self.lengths[row] + seq] = 0
+
+    def clear(self, row: int) -> None:
+        self.mask[row] = 0  # the row's keys and values stay: masked, they weigh exactly 0
+        self.lengths[row] = 0
+
+    def move(self, source: int, target: int) -> None:
+        self.mask[target], self.lengths[target] = self.mask[source], self.lengths[source]
+        self.clear(source)

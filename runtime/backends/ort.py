@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Artifact
-from .feeds import NUMPY_DTYPES, Past, aligned_copy, aligned_empty, ort_feed, static_feed
+from .feeds import NUMPY_DTYPES, Past, SlotState, aligned_copy, aligned_empty, ort_feed, static_feed
 
 
 class OrtBackend:
@@ -83,17 +83,13 @@ class RowsBinding:
 
 
 @dataclass
-class SlotCache:
-    """A static cache as a pool of sequences, one per row, each at its own length: the state gpt-fast's KVCache
-    keeps. `lengths` is each row's filled slots and `mask` its `[rows, max_sequence_length]` real slots, which a
-    step extends in place (the new tokens' entries only), never rebuilding a growing mask; the graph's attention
-    mask is bound to these rows of `mask` directly. `forward`-style steps go through the backend's `step_rows`."""
-    host: list[np.ndarray]  # per layer key, value: [rows, kv_heads, max_sequence_length, head_dim] (CPU arrays)
-    values: list[Any]  # the OrtValues holding them (on the session's device)
-    lengths: np.ndarray  # int64 [rows]
-    mask: np.ndarray  # int64 [rows, max_sequence_length]
+class SlotCache(SlotState):
+    """A static cache as a pool of sequences, one per row, each at its own length (`SlotState`); the graph's attention
+    mask is bound to rows of the state's own mask, so a step writes only its new tokens' entries. Stepped through the
+    backend's `step_rows`, over a contiguous range of rows, each range bound once."""
+    host: list[np.ndarray] = field(default_factory=list)  # per layer key, value: [rows, kv_heads, slots, head_dim]
+    values: list[Any] = field(default_factory=list)  # the OrtValues holding them (on the session's device)
     bindings: dict[tuple[int, int], RowsBinding] = field(default_factory=dict, repr=False)
-
 
 class StaticOrtBackend(OrtBackend):
     """ONNX Runtime on a static-cache graph, the cache updated in place through IOBinding. The binding of the
@@ -166,9 +162,8 @@ class StaticOrtBackend(OrtBackend):
         for buffer in host:  # zeros: masked slots still meet the value matrix (0 × NaN would be NaN)
             buffer[...] = 0
         values = [ort.OrtValue.ortvalue_from_numpy(array, self.device) for array in host]
-        mask = aligned_empty((rows, self.max_sequence_length), np.int64)
-        mask[...] = 0
-        return SlotCache(host if self.device == "cpu" else [], values, np.zeros(rows, np.int64), mask)
+        return SlotCache(*SlotState.arrays(rows, self.max_sequence_length), host if self.device == "cpu" else [],
+                         values)
 
     def _bind_rows(self, cache: SlotCache, start: int, stop: int) -> RowsBinding:
         """The binding of rows start..stop-1: each buffer's rows by address (a view, no copy), as past and present."""
@@ -194,38 +189,28 @@ class StaticOrtBackend(OrtBackend):
 
     def step_rows(self, cache: SlotCache, start: int, stop: int, input_ids: np.ndarray) -> np.ndarray:
         batch, seq = input_ids.shape
-        if batch != stop - start or not 0 <= start < stop <= len(cache.lengths):
-            raise ValueError(f"{batch} rows of input for cache rows {start}..{stop - 1} of {len(cache.lengths)}")
-        lengths = cache.lengths[start:stop]
-        if int(lengths.max()) + seq > self.max_sequence_length:
-            raise ValueError(f"{int(lengths.max()) + seq} tokens do not fit the static cache of "
-                             f"{self.max_sequence_length} slots; re-export with a larger --max-seq-len")
+        lengths, positions = cache.begin(start, stop, input_ids)
         rows = cache.bindings.get((start, stop))
         if rows is None:
             rows = cache.bindings[start, stop] = self._bind_rows(cache, start, stop)
         inputs = rows.inputs
         if inputs.get("input_ids", np.empty(0)).shape != (batch, seq):  # a new step length: new arrays, bound once
-            inputs["input_ids"], inputs["position_ids"] = np.empty((batch, seq), np.int64), np.empty((batch, seq),
-                                                                                                    np.int64)
-            rows.binding.bind_cpu_input("input_ids", inputs["input_ids"])
-            rows.binding.bind_cpu_input("position_ids", inputs["position_ids"])
+            for name in ("input_ids", "position_ids"):
+                inputs[name] = np.empty((batch, seq), np.int64)
+                rows.binding.bind_cpu_input(name, inputs[name])
         inputs["input_ids"][...] = input_ids
-        inputs["position_ids"][...] = lengths[:, None] + np.arange(seq)
+        inputs["position_ids"][...] = positions
         inputs["write_indices"][...] = lengths
-        for row, length in enumerate(lengths):  # the new tokens' slots become real
-            cache.mask[start + row, length:length + seq] = 1
+        ran = False
         try:
             self.session.run_with_iobinding(rows.binding)
-        except Exception:
-            for row, length in enumerate(lengths):
-                cache.mask[start + row, length:length + seq] = 0
-            raise
-        lengths += seq
+            ran = True
+        finally:
+            cache.end(start, stop, seq, ran)
         return rows.logits[:, -1]
 
     def clear_row(self, cache: SlotCache, row: int) -> None:
-        cache.mask[row] = 0  # the keys and values stay: masked, they weigh exactly 0
-        cache.lengths[row] = 0
+        cache.clear(row)
 
     def move_row(self, cache: SlotCache, source: int, target: int) -> None:
         length = int(cache.lengths[source])
@@ -234,8 +219,7 @@ class StaticOrtBackend(OrtBackend):
                 array[target, :, :length] = array[source, :, :length]
         else:  # device buffers: an Identity session copies the rows on the device
             self._row_copier(cache, source, target)
-        cache.mask[target], cache.lengths[target] = cache.mask[source], length
-        self.clear_row(cache, source)
+        cache.move(source, target)
 
     def _row_copier(self, cache: SlotCache, source: int, target: int) -> None:
         import onnxruntime as ort

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Artifact
-from .feeds import static_feed
+from .feeds import SlotState, static_feed
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 KEEP = "logits_to_keep"
@@ -91,6 +91,13 @@ class TrtCache:
     length: int
     current: int = 0
     graphs: dict = field(default_factory=dict, repr=False)  # captured decode steps of this cache
+
+
+@dataclass
+class TrtSlotCache(SlotState):
+    """A static engine's cache as a pool of sequences (`SlotState`): one `[rows, kv_heads, slots, head_dim]` CUDA
+    tensor per past tensor; a step binds the rows it runs (a contiguous range: a view, no copy)."""
+    buffers: list[Any] = field(default_factory=list)
 
 
 class TrtBackend:
@@ -306,3 +313,48 @@ class TrtBackend:
             tensors[name].copy_(torch.from_numpy(np.ascontiguousarray(array)), non_blocking=False)
         graph.replay()
         return logits
+
+    # ---- a pool of sequences (SlotBackend), static engines only ----------------------------------------------
+
+    def slot_cache(self, rows: int) -> TrtSlotCache:
+        if self.flavour != "static":
+            raise ValueError("in-flight batching needs a static-cache engine: re-export with `llama-export ... "
+                             "--kv-cache static --max-seq-len N` and rebuild it with llama-build")
+        return TrtSlotCache(*SlotState.arrays(rows, self.slots),
+                            [pair[0] for pair in self.empty_cache(rows).buffers])
+
+    def step_rows(self, cache: TrtSlotCache, start: int, stop: int, input_ids: np.ndarray) -> np.ndarray:
+        batch, seq = input_ids.shape
+        lengths, positions = cache.begin(start, stop, input_ids)
+        ran = False
+        try:
+            if int(lengths.max()) + seq > self.max_length:
+                raise ValueError(f"{int(lengths.max()) + seq} tokens exceed the engine's window of {self.max_length}; "
+                                 f"rebuild with: {self.rebuild} --max-seq-len {int(lengths.max()) + seq}")
+            context = self.contexts[pick_profile(self.profiles, batch, seq, int(lengths.max()), self.rebuild)]
+            feeds = {"input_ids": input_ids, "attention_mask": cache.mask[start:stop], "position_ids": positions,
+                     "write_indices": lengths}
+            with self.torch.cuda.stream(self.stream):
+                tensors = self._inputs(context, feeds, 1)  # alive until the copy below has waited for the run
+                for (past_name, present_name), buffer in zip(self.names, cache.buffers):
+                    rows = buffer[start:stop]  # contiguous: the rows' own memory
+                    self._bind(context, past_name, rows)
+                    context.set_tensor_address(present_name, rows.data_ptr())
+                logits = self._logits(context, batch, 1)
+                self._run(context)
+                host = logits[:, -1].cpu().numpy()
+                tensors.clear()
+            ran = True
+        finally:
+            cache.end(start, stop, seq, ran)
+        return host
+
+    def clear_row(self, cache: TrtSlotCache, row: int) -> None:
+        cache.clear(row)
+
+    def move_row(self, cache: TrtSlotCache, source: int, target: int) -> None:
+        with self.torch.cuda.stream(self.stream):
+            for buffer in cache.buffers:
+                buffer[target].copy_(buffer[source])
+        cache.move(source, target)
+
