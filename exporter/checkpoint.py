@@ -10,7 +10,6 @@ model at once: safetensors are opened with `safe_open`, pickles with `torch.load
 from __future__ import annotations
 
 import copy
-import json
 import pickle
 import re
 import zlib
@@ -347,10 +346,6 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
         )
     ckpt.validate()
     return ckpt
-
-
-def write_hf_config(config: LlamaConfig, directory: Path) -> None:
-    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
 
 
 def truncate_layers(ckpt: Checkpoint, num_layers: int | None) -> Checkpoint:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -74,22 +73,10 @@ class _Flat(torch.nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
-_TRACES: dict[str, bytes] = {}  # this process's traces by configuration (graphs without weights: small)
-
-
 def trace(config: LlamaConfig, path: Path) -> onnx.ModelProto:
     """The float32 graph without weights, traced with every tensor on the meta device (`path` is scratch).
-    Other dtypes are a graph pass on it (`graphs.pipeline.convert_precision`).
-
-    The graph depends on the configuration alone, so a process that exports one configuration again (another
-    dtype or target, the test suite) traces it once and gets a fresh copy of that trace."""
-    key = json.dumps(config.replace(torch_dtype="float32").to_hf_dict(), sort_keys=True)
-    if key not in _TRACES:
-        _TRACES[key] = _trace(config, path).SerializeToString()
-    return onnx.ModelProto.FromString(_TRACES[key])
-
-
-def _trace(config: LlamaConfig, path: Path) -> onnx.ModelProto:
+    Other dtypes are a graph pass on it (`graphs.pipeline.convert_precision`), so the graph depends on the
+    configuration's shape alone, never on its `torch_dtype`."""
     dt, dtype = torch.float32, "float32"
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dt).eval()

@@ -133,8 +133,7 @@ class Artifact:
         return min(int(self.config["max_position_embeddings"]), self.max_sequence_length or 1 << 62)
 
     @classmethod
-    def open(cls, directory: str | Path, check_hashes: bool = True,
-             log: Callable[[str], None] | None = None) -> "Artifact":
+    def open(cls, directory: str | Path, log: Callable[[str], None] | None = None) -> "Artifact":
         """Read the manifest and check the files it lists: each file's size, and its sha256 unless the record of
         verified files (module docstring) knows it unchanged. `log` hears of each large file being hashed."""
         directory = Path(directory)
@@ -153,8 +152,8 @@ class Artifact:
             raise ArtifactError(f"{manifest_path}: format_version {version!r} is not supported "
                                 f"(this runtime reads {SUPPORTED_FORMAT}); re-export with this llama-export")
         files = manifest.get("files", {})
-        verified = VerifiedFiles(directory) if check_hashes else None
-        if verified is not None and os.environ.get("LLAMA_EXPORT_VERIFY") == "always":
+        verified = VerifiedFiles(directory)
+        if os.environ.get("LLAMA_EXPORT_VERIFY") == "always":
             verified.files.clear()
         for name, info in files.items():
             path = directory / name
@@ -163,8 +162,6 @@ class Artifact:
             if path.stat().st_size != info["bytes"]:
                 raise ArtifactError(f"{path}: {path.stat().st_size} bytes, the manifest says {info['bytes']}; "
                                     f"the file was changed or truncated — re-export the artifact")
-            if verified is None:
-                continue
             fingerprint = _fingerprint(path)  # before reading: a write during the hash changes it again
             if verified.known(name, info["sha256"], fingerprint):
                 continue
@@ -174,6 +171,5 @@ class Artifact:
                 raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was modified — "
                                     f"re-export the artifact")
             verified.add(name, info["sha256"], fingerprint)
-        if verified is not None:
-            verified.save(set(files))
+        verified.save(set(files))
         return cls(directory, manifest)

@@ -21,6 +21,30 @@ def verified_files_cache(tmp_path_factory):
     os.environ["LLAMA_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("llama-export-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_trace_per_configuration():
+    """Each model configuration traced once per test process. torch's exporter takes tens of seconds per trace, and
+    the suite exports the same few configurations a hundred times; the graph depends on the configuration's shape
+    alone (`exporter.onnx_export.trace`), so every export gets a fresh copy of the first
+    trace. A command exports once per process, so this memo lives with the tests, not in the exporter."""
+    import onnx
+
+    from exporter import artifact, onnx_export
+
+    traces: dict[str, bytes] = {}
+
+    def trace(config: LlamaConfig, path: Path) -> onnx.ModelProto:
+        key = json.dumps(config.replace(torch_dtype="float32").to_hf_dict(), sort_keys=True)
+        if key not in traces:
+            traces[key] = onnx_export.trace(config, path).SerializeToString()
+        return onnx.ModelProto.FromString(traces[key])
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(artifact, "trace", trace)
+    yield
+    patch.undo()
+
+
 def small_config(**overrides) -> LlamaConfig:
     base = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=160, max_position_embeddings=64, torch_dtype="float32")

@@ -16,7 +16,7 @@ import torch
 from exporter.artifact import build_artifact, sha256
 from exporter.checkpoint import RandomCheckpoint, truncate_layers
 from exporter.loading import load_model
-from exporter.onnx_export import io_contract, trace
+from exporter.onnx_export import io_contract
 from exporter.presets import resolve_checkpoint
 from runtime import parity
 from runtime.backends import ort_feed
@@ -209,22 +209,6 @@ def test_num_layers_keeps_the_first_layers(tmp_path):
     assert "past_key_values.0.key" in names and "past_key_values.1.key" not in names
     for ours, ref, real, _, _ in run_steps(session(out), load_model(ckpt), ckpt.config, np.float32, 0, 1):
         assert np.abs(ours - ref)[real].max() <= 1e-4
-
-
-def test_a_configuration_is_traced_once_per_process(tmp_path):
-    """The graph depends on the configuration alone (not its dtype): a second export of it reuses the first trace
-    (torch's exporter does not run again, so its scratch file is not written), as a fresh copy each time, since
-    the export edits the graph it gets."""
-    config = small_config(vocab_size=161)  # traced by no other test
-    first = trace(config, tmp_path / "first.onnx")
-    assert (tmp_path / "first.onnx").is_file()
-    again = trace(config.replace(torch_dtype="float16"), tmp_path / "again.onnx")
-    assert not (tmp_path / "again.onnx").exists()
-    assert again.SerializeToString() == first.SerializeToString()
-    again.graph.ClearField("node")
-    assert len(trace(config, tmp_path / "third.onnx").graph.node) == len(first.graph.node) > 0
-    other = trace(config.replace(num_hidden_layers=1), tmp_path / "other.onnx")
-    assert (tmp_path / "other.onnx").is_file() and len(other.graph.node) < len(first.graph.node)
 
 
 # ---- the command line ------------------------------------------------------------------------------
