@@ -352,6 +352,8 @@ def run(request: Request) -> dict:
         backend = open_backend(artifact, request.backend, request.threads)
     except ValueError as err:
         raise ExportError(str(err)) from None
+    if request.threads:
+        torch.set_num_threads(request.threads)
     model = load_model(request.checkpoint, "float32")
     keys_by_slot = artifact.flavour == "static" and manifest["graph"].get("target") == "ort"
 
