@@ -89,7 +89,8 @@ def write_plot(report: dict, path: Path) -> None:
         errors = layers["errors"]
         items = sorted((int(k), v) for k, v in errors.items()) if isinstance(errors, dict) else list(enumerate(errors))
         right.semilogy([k for k, _ in items], [max(v, tiny) for _, v in items], "o-", label="hidden rel (prefill)")
-        right.axhline(report["thresholds"]["hidden_rel"], color="grey", linestyle=":", label="threshold")
+        right.axhline(report["thresholds"]["hidden_rel"], color="grey", linestyle=":", label="hidden threshold")
+        right.set_xticks([k for k, _ in items])
     right.set_xlabel("decoder layer", fontsize=8)
     right.set_title("per layer", fontsize=9)
     right.legend(fontsize=7)
