@@ -65,6 +65,7 @@ def short_text(tmp_path_factory) -> Path:
 
 def parity_cli(*args) -> tuple[int, str, dict | None]:
     result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)  # 1 ≠ a crash
     assert "Traceback" not in result.output, result.output
     report = None
     if "--json" in args and result.exit_code in (0, 1):
