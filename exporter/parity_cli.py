@@ -89,7 +89,8 @@ def write_plot(report: dict, path: Path) -> None:
         errors = layers["errors"]
         items = sorted((int(k), v) for k, v in errors.items()) if isinstance(errors, dict) else list(enumerate(errors))
         right.semilogy([k for k, _ in items], [max(v, tiny) for _, v in items], "o-", label="hidden rel (prefill)")
-        right.axhline(report["thresholds"]["hidden_rel"], color="grey", linestyle=":", label="threshold")
+        right.axhline(report["thresholds"]["hidden_rel"], color="grey", linestyle=":", label="hidden threshold")
+        right.set_xticks([k for k, _ in items])
     right.set_xlabel("decoder layer", fontsize=8)
     right.set_title("per layer", fontsize=9)
     right.legend(fontsize=7)
@@ -110,14 +111,14 @@ def write_plot(report: dict, path: Path) -> None:
                    "model on the artifact's weights).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="UTF-8 text file, one prompt a line (chat models: through the chat template) [default: real "
-                   "text: tiny's held-out text, chat questions for a chat model].")
+                   "text: three passages of the bundled held-out text; three questions for a chat model].")
 @click.option("--steps", type=click.IntRange(min=0), default=8, show_default=True,
               help="Teacher-forced decode steps after the prefill (both sides are fed the reference's token).")
 @click.option("--per-layer", is_flag=True,
               help="Also compare each decoder layer's output in the prefill and name the first that diverges.")
 @click.option("--text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 text for the perplexity check [default: the bundled held-out text].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads for ONNX Runtime.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for ONNX Runtime and the PyTorch reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object instead of a table.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE.png",
               help="Write a PNG of the error per step and per layer.")
@@ -131,9 +132,10 @@ def main(directory, reference, model_name, backend, prompts_file, steps, per_lay
 
     \b
     Examples:
-      llama-parity out/tiny-float32
+      llama-parity out/tiny-float16-ort
       llama-parity out/tiny-float32-int8-ort --per-layer --plot parity.png
-      llama-parity out/7b-float16 --reference ~/llama-2-7b-hf --steps 16 --json
+      llama-parity out/tiny-bfloat16-onnx --backend torch     # bf16: no ORT CPU kernels
+      llama-parity out/7b-float16-trt --backend trt --reference ~/llama-2-7b-hf --json
     """
     from . import parity_run  # torch and the model: after the arguments are known good
 

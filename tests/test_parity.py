@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,15 +18,21 @@ from exporter import calibration
 from exporter.artifact import build_artifact, sha256
 from exporter.checkpoint import RandomCheckpoint
 from exporter.parity_cli import main
-from exporter.parity_run import bisect_first
+from exporter.parity_run import (bisect_first, default_prompts, graph_copy, graph_feed, ort_layer_outputs,
+                                 residual_outputs)
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from graphs import pipeline
 from runtime import parity
+from runtime.artifact import Artifact
+from runtime.generate import left_pad
+from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 
 KINDS = {"fp32": dict(dtype="float32"), "fp16": dict(dtype="float16"), "int8": dict(dtype="float32", int8=True),
-         "int4": dict(dtype="float32", int4=True), "smoothquant": dict(dtype="float32", int8=True, smooth=True)}
-CASES = [(target, kind) for target in ("onnx", "ort") for kind in KINDS if not (kind == "int4" and target == "onnx")]
+         "int4": dict(dtype="float32", int4=True), "smoothquant": dict(dtype="float32", int8=True, smooth=True),
+         "fp32-static": dict(dtype="float32", max_seq=128)}
+CASES = [(target, kind) for target in ("onnx", "ort") for kind in KINDS
+         if not (kind == "int4" and target == "onnx") and not (kind == "fp32-static" and target == "onnx")]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +65,7 @@ def short_text(tmp_path_factory) -> Path:
 
 def parity_cli(*args) -> tuple[int, str, dict | None]:
     result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)  # 1 ≠ a crash
     assert "Traceback" not in result.output, result.output
     report = None
     if "--json" in args and result.exit_code in (0, 1):
@@ -69,8 +77,9 @@ def parity_cli(*args) -> tuple[int, str, dict | None]:
 def test_tiny_passes_with_the_documented_thresholds(tiny, short_text, target, kind):
     code, output, report = parity_cli(tiny(target, kind), "--per-layer", "--steps", 2, "--text", short_text, "--json")
     assert code == 0, report["failures"] if report else output
-    assert report["passed"] and report["precision"] == kind and report["target"] == target
-    limits = parity.THRESHOLDS[kind]
+    precision = kind.removesuffix("-static")
+    assert report["passed"] and report["precision"] == precision and report["target"] == target
+    limits = parity.THRESHOLDS[precision]
     assert len(report["steps"]) == 3 and report["steps"][0]["name"] == "prefill"
     for step in report["steps"]:
         assert step["logits"]["kl_max"] <= limits.kl_max and max(step["kv"]) <= limits.kv_rel
@@ -80,7 +89,7 @@ def test_tiny_passes_with_the_documented_thresholds(tiny, short_text, target, ki
     assert report["overall"]["top1"] >= limits.top1
     assert abs(report["perplexity"]["rel_change"]) <= limits.ppl_rel
     assert 10 < report["perplexity"]["reference"] < 200  # tiny was trained: far below its 4096-token vocabulary
-    if kind == "fp32":
+    if precision == "fp32":
         assert report["overall"]["max_abs"] < 1e-4 and report["greedy_match"] == [3, 3, 3]
     else:  # lossy, yet measurably so
         assert max(report["layers"]["errors"]) > 1e-5
@@ -141,8 +150,18 @@ def test_layer_2_mlp_scaled_names_layer_2(tiny, short_text, tmp_path, target):
     assert any("layer 2 is the first whose output differs" in why for why in report["failures"])
     # the KV cache of layers 0..2 is computed before the damage; layer 3's is not
     assert max(report["steps"][0]["kv"][:3]) < 1e-5 and report["steps"][0]["kv"][3] > 1e-3
-    # bisection over the same errors names the same layer (TensorRT's way: one layer at a time)
+    # bisection over the same errors names the same layer (TensorRT's way: one layer at a time) ...
     assert bisect_first(4, lambda i: errors[i] > parity.THRESHOLDS["fp32"].hidden_rel) == 2
+    assert [bisect_first(4, lambda i: i >= k) for k in range(5)] == [0, 1, 2, 3, None]
+    # ... on a graph copy with only that layer's output marked, which gives what the all-layers copy gives
+    artifact = Artifact.open(bad)
+    ids, mask, pos = left_pad(default_prompts(artifact, LlamaTokenizer(artifact.tokenizer_path)))
+    every = ort_layer_outputs(artifact, ids, mask, pos, None)
+    with graph_copy(artifact.graph_path, lambda m: residual_outputs(m, 4)[2:3]) as (path, names):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (one,) = session.run(names, graph_feed(session, artifact, ids, mask, pos))
+    np.testing.assert_allclose(one, every[2], rtol=1e-5, atol=1e-5)
+    assert not list(bad.parent.glob(".bad.parity-*"))  # the temporary copy is gone
 
 
 def test_layer_0_q_proj_corrupted_names_layer_0(tiny, short_text, tmp_path):
@@ -222,5 +241,5 @@ def test_logit_figures_equal_torch():
 def test_precision_of_every_manifest_kind(tiny):
     for target, kind in CASES:
         manifest = json.loads((tiny(target, kind) / "manifest.json").read_text())
-        assert parity.precision_of(manifest) == kind
+        assert parity.precision_of(manifest) == kind.removesuffix("-static")
     assert set(parity.THRESHOLDS) == set(parity.PRECISIONS)
