@@ -36,7 +36,8 @@ sys.exit(0 if status.usable else 3)
 PY
 started=$(date +%s)
 set +e
-timeout 900 "$python" -m pytest tests/test_tensorrt_gpu.py -n 0 -v -s -rs -p no:cacheprovider "$@" 2>&1 | tee gpu_check.log
+timeout 900 "$python" -m pytest tests/test_tensorrt_gpu.py -n 0 -v -s -rs -p no:cacheprovider "$@" 2>&1 \
+    | tee gpu_check.log
 status=${PIPESTATUS[0]}
 set -e
 echo "gpu_check: tests finished with status $status in $(( $(date +%s) - started )) s; log: gpu_check.log" >&2

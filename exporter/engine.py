@@ -127,6 +127,9 @@ def build_engine(directory: Path, manifest: dict, lim: Limits, *, timing_cache: 
     unfused = fused_attention.uncovered(manifest["dtype"], head_dim, capability)
     if unfused:
         marked = fused_attention.make_decomposable(network[1], trt)
+        if not marked:
+            raise ExportError(f"{unfused}, and no IAttention layer was found to mark decomposable in the parsed "
+                              f"network; export the model with --fp16 or --bf16")
         log(f"{unfused}: {marked} attention layers marked decomposable")
     inputs = [network[1].get_input(i) for i in range(network[1].num_inputs)]
     shape_tensors = {t.name for t in inputs if t.is_shape_tensor and t.name in SHAPE_TENSORS}
