@@ -36,7 +36,8 @@ def to_stderr(message: str) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True,
-              help="Text to continue; give several --prompt to run them as one batch.")
+              help="Text to continue; give several --prompt to run them as one batch (on a static-cache artifact "
+                   "through the in-flight batcher: each prompt in a slot of its own, no padding).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")

@@ -41,7 +41,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def summary(name: str, wall: float, tokens: int, ttft: list[float], gaps: list[float], clients: int,
             occupancy: float | None) -> dict:
     ms = lambda v: round(v * 1e3, 1) if v is not None else None  # noqa: E731
-    return {"mode": name, "clients": clients, "requests": len(ttft), "tokens": tokens, "wall_s": round(wall, 2),
+    return {"mode": name, "clients": clients, "requests": len(ttft), "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2), "ttft_p50_ms": ms(percentile(ttft, 50)),
             "ttft_p95_ms": ms(percentile(ttft, 95)), "itl_p50_ms": ms(percentile(gaps, 50)),
             "itl_p95_ms": ms(percentile(gaps, 95)), "occupancy": occupancy}
