@@ -33,7 +33,7 @@ class RepositoryError(ValueError):
 def check_artifact(directory: Path, backend: str) -> Artifact:
     """The artifact, if the in-flight batching engine can serve it with `backend`; else a RepositoryError."""
     try:
-        artifact = Artifact.open(directory, check_hashes=False)  # the model checks the hashes when it loads
+        artifact = Artifact.open(directory)  # hashed once here; the verified-files record spares the model a second pass
     except ArtifactError as err:
         raise RepositoryError(str(err)) from None
     if artifact.flavour != "static":

@@ -95,7 +95,7 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
             from runtime.tokenizer import LlamaTokenizer
 
             try:  # the OpenAI endpoint tokenizes with the served artifact's tokenizer
-                artifact = Artifact.open(artifact_of(repo, model), check_hashes=False)
+                artifact = Artifact.open(artifact_of(repo, model))
             except ArtifactError as err:
                 _fail(f"--openai: {err}", 2)
             if artifact.tokenizer_path is None:
