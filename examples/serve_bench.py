@@ -61,7 +61,7 @@ def triton_stream(url: str, model: str):
     """A function(ids, new_tokens) -> list of (time, tokens) per response, over one gRPC stream per client."""
     import tritonclient.grpc as grpcclient
 
-    from serving.client import infer_inputs, is_final
+    from runtime.serving.client import infer_inputs, is_final
 
     client = grpcclient.InferenceServerClient(url)
     got: queue.Queue = queue.Queue()

@@ -106,7 +106,7 @@ class Served:
 
 def orphaned_shm(before: set[str]) -> set[str]:
     """Python-backend segments made since `before` that no process maps (another server's live ones are mapped)."""
-    from serving.server import mapped_paths
+    from runtime.serving.server import mapped_paths
 
     return set(glob.glob(SHM)) - before - mapped_paths()
 

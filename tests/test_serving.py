@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
-import serving
+from runtime import serving
 from runtime.chat import chat_prompt_ids
 from runtime.sampling import SamplingParams
-from serving.client import infer_inputs, is_final
-from serving.repository import write_repository
+from runtime.serving.client import infer_inputs, is_final
+from runtime.serving.repository import write_repository
 from serving_helpers import (SHM, WINDOW, Reference, Served, export_tiny_static, orphaned_shm, pid_alive,
                              sse_events)
 
@@ -260,7 +260,7 @@ def test_config_is_generated_valid_and_complete(artifact, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from serving.repository import model_config
+    from runtime.serving.repository import model_config
 
     target = write_repository(artifact, tmp_path / "repo", "m", slots=3, queue=5, threads=2)
     config = text_format.Parse((target / "config.pbtxt").read_text(), mc.ModelConfig())

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from runtime.chat import ChatFormatError, chat_prompt_ids
+from ..chat import ChatFormatError, chat_prompt_ids
 
 from .client import infer_inputs
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from runtime.artifact import Artifact, ArtifactError
+from ..artifact import Artifact, ArtifactError
 
 from . import interface
 

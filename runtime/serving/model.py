@@ -7,7 +7,7 @@ responses (`response_sender.send`, the last with TRITONSERVER_RESPONSE_COMPLETE_
 request in flight every SWEEP_S (requests still waiting, and any behind a backlog of responses) and reports the custom metrics. Keeping Triton's IPC off the engine's
 thread keeps the engine stepping while responses are sent.
 
-`llama-triton` copies this file into REPO/NAME/1/model.py; the interface is `serving.interface`.
+`llama-triton` copies this file into REPO/NAME/1/model.py; the interface is `runtime.serving.interface`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 from runtime.inflight import Busy, InflightBatcher, Request, RequestRejected
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import LlamaTokenizer
-from serving import interface
+from runtime.serving import interface
 
 SWEEP_S = 0.05  # how often waiting requests are checked for cancellation and the gauges are refreshed
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
