@@ -371,6 +371,13 @@ CASES: list[Case] = [
          "manifest.json: not valid JSON", make=_write("copy/manifest.json", "{")),
     Case("artifact-format", "llama-generate", "a manifest of a newer format", ("{copy}", "--prompt", "x"),
          "format_version 2 is not supported (this runtime reads 1)", make=_manifest(lambda m: m.update(format_version=2))),
+    Case("artifact-manifest-list", "llama-generate", "a manifest that is a JSON list", ("{copy}", "--prompt", "x"),
+         "manifest.json: expected a JSON object", make=_write("copy/manifest.json", "[]")),
+    Case("artifact-manifest-binary", "llama-generate", "a manifest that is not text", ("{copy}", "--prompt", "x"),
+         "manifest.json: not valid JSON", make=_write("copy/manifest.json", b"\xff\xfe\x00{")),
+    Case("artifact-files-entry", "llama-generate", "a manifest file entry without its sha256",
+         ("{copy}", "--prompt", "x"), "file 'config.json' has no 'bytes' and 'sha256'",
+         make=_manifest(lambda m: m["files"]["config.json"].pop("sha256"))),
     Case("artifact-manifest-edited", "llama-generate", "a manifest edited by hand (one digit of a size changed)",
          ("{copy}", "--prompt", "x"), "manifest.json: its bytes do not match its manifest_sha256",
          make=lambda case: (case / "copy/manifest.json").write_bytes(

@@ -146,7 +146,7 @@ def test_two_exports_to_one_directory(tmp_path):
     clearly; the first then finishes, and the directory is wholly the first's. Then two started together: one
     wins, the other fails clearly, never a mix."""
     out = tmp_path / "out"
-    first = start("exporter.cli", [*EXPORT, "-o", str(out)], pause_at="verifying")
+    first = start("exporter.cli", [*EXPORT, "--verify", "-o", str(out)], pause_at="verifying")
     earlier = wait_for_pause(first)
     second = start("exporter.cli", [*EXPORT, "--no-verify", "-o", str(out), "--force"])
     code, stderr = finish(second, [])
