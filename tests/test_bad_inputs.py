@@ -42,7 +42,8 @@ MODULES = {"llama-export": "exporter.cli", "llama-build": "exporter.build_cli", 
 @dataclass(frozen=True)
 class Case:
     """One bad input. `args` may name `{case}` (this case's directory), `{ckpt}` (a good small checkpoint copied
-    there), `{art}` (a good trt-ready artifact, shared and never changed) or `{copy}` (a copy of it in `{case}`);
+    there), `{art}` (a good trt-ready artifact, shared and never changed), `{copy}` (a copy of it in `{case}`) or
+    `{tiny}` (the bundled tiny model's directory);
     `make(case_dir)` spoils the input."""
 
     id: str
@@ -300,7 +301,7 @@ CASES: list[Case] = [
     Case("tokenizer-unreadable", "llama-export", "a --tokenizer that cannot be read (/proc/self/mem: EIO)",
          (*PLAIN, "--tokenizer", "/proc/self/mem"), "/proc/self/mem: cannot read it"),
     Case("tokenizer-too-big", "llama-export", "a tokenizer with more pieces than the model's vocabulary",
-         (*PLAIN, "--tokenizer", str(TINY / "tokenizer.model")),
+         (*PLAIN, "--tokenizer", "{tiny}/tokenizer.model"),
          "has 4096 pieces but the model's vocabulary has 160: it is not this model's tokenizer"),
     # ---- output paths ----
     Case("output-is-file", "llama-export", "-o naming an existing file (with --force)",
@@ -487,7 +488,7 @@ CASES: list[Case] = [
     Case("reference-temperature", "llama-reference", "--temperature -1", ("--temperature", "-1"),
          "Invalid value for '--temperature': -1.0 is not in the range x>=0"),
     Case("reference-tokenizer", "llama-reference", "a tokenizer with more pieces than the checkpoint's vocabulary",
-         ("--checkpoint", "{ckpt}", "--tokenizer", str(TINY / "tokenizer.model"), "--prompt", "x"),
+         ("--checkpoint", "{ckpt}", "--tokenizer", "{tiny}/tokenizer.model", "--prompt", "x"),
          "has 4096 pieces but the model's vocabulary has 160"),
     Case("reference-no-tokenizer", "llama-reference", "a checkpoint without tokenizer.model",
          ("--checkpoint", "{ckpt}", "--prompt", "x"), "no tokenizer.model found"),
@@ -507,7 +508,8 @@ def render(cases: list[Case]) -> str:
              "docs/bad-inputs.md`; the test suite fails when this page and the table differ. Every case asserts the "
              "message below (a part of the one `error:` line), the exit status, that no traceback is printed, and "
              "that nothing was written. `{art}` is a trt-ready tiny artifact, `{copy}` a copy of it that the case "
-             "spoils, `{ckpt}` a small safetensors checkpoint the case spoils, `{case}` the case's own directory.", "",
+             "spoils, `{ckpt}` a small safetensors checkpoint the case spoils, `{case}` the case's own directory, "
+             "`{tiny}` the bundled tiny model (exporter/assets/tiny).", "",
              f"{len(cases)} cases.", "",
              "| # | bad input | command | message (part) | exit |", "|---|---|---|---|---|"]
     for n, case in enumerate(cases, 1):
@@ -587,7 +589,7 @@ def test_bad_input(case: Case, shared: Path, tmp_path: Path, monkeypatch):
     if case.make:
         case.make(case_dir)
     values = {"case": str(case_dir), "ckpt": str(case_dir / "ckpt"), "art": str(shared / "art"),
-              "copy": str(case_dir / "copy")}
+              "copy": str(case_dir / "copy"), "tiny": str(TINY)}
     args = [a.format(**values) if "{" in a and len(a) < 200 else a for a in case.args]
     monkeypatch.chdir(case_dir)  # a default output (out/...) would land here and be seen
     before = snapshot(case_dir, shared)
