@@ -2,7 +2,7 @@
 
 Everything is built in a hidden sibling directory and renamed into place at the end, so an
 interrupted export leaves no directory that looks complete (a manifest is written last, and only
-inside the temporary directory).
+inside the temporary directory); `staging` holds the output's lock and cleans what killed exports left.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -20,13 +19,14 @@ from typing import Callable
 import onnx
 
 from graphs import pipeline
-from runtime.artifact import sha256  # the runtime checks the same digests
+from runtime.artifact import manifest_bytes, sha256  # the runtime checks the same digests
 
 from .checkpoint import Checkpoint, expected_tensors
 from .config import LlamaConfig
 from .engine import trt_section
 from .errors import ExportError
 from .onnx_export import DATA_FILE, OPSET, io_contract, trace, write_weights
+from .staging import discard, phase, prepare_output, publish
 from .trt_profiles import limits
 
 FORMAT_VERSION = 1
@@ -41,34 +41,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def prepare_output(out_dir: Path, force: bool) -> Path:
-    """Refuse an existing DIR without --force; make a temporary sibling to build in."""
-    out_dir = out_dir.absolute()
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists; pass --force to replace it, or choose another -o DIR")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory; remove it or choose another -o DIR")
-    parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
-    except OSError as err:
-        raise ExportError(f"cannot write the artifact under {parent}: {err.strerror}; choose a writable -o DIR") from None
-
-
-def publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished directory into place, replacing an old one only now."""
-    out_dir = out_dir.absolute()
-    trash = None
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
-        out_dir.rename(trash)
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    tmp.rename(out_dir)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _weights_label(dtype: str, int8: bool, smoothquant: pipeline.SmoothQuant | None, int4: bool = False) -> str:
@@ -105,20 +77,23 @@ def build_artifact(
         if not 1 <= max_seq <= limit:
             raise ExportError(f"--max-seq-len {max_seq} is out of range: the model has {limit} positions "
                               f"(use 1..{limit})")
-    tmp = prepare_output(out_dir, force)
+    tmp = prepare_output(out_dir, force, log)
     try:
         started = time.perf_counter()
         config: LlamaConfig = ckpt.config
         graph = tmp / "model.onnx"
+        phase("tracing", log)
         log(f"tracing {config.num_hidden_layers} layers on the meta device")
         proto = trace(config, graph)
         traced = time.perf_counter()
+        phase("writing weights", log)
         step = progress(len(expected_tensors(config))) if progress else (lambda name: None)
         names, data_bytes, folded = write_weights(proto, graph, ckpt, dtype, step)
         log(f"wrote {data_bytes / 1e9:.2f} GB of weights to {DATA_FILE}")
         passes = [{"pass": "weight transposes folded into the stored weights", "changed": folded,
                    "detail": f"{folded} Transpose nodes removed"}]
         counts = None
+        phase("graph passes", log)
         try:
             if dtype != "float32":
                 converted = pipeline.convert_precision(graph, dtype, target)
@@ -166,12 +141,16 @@ def build_artifact(
         if target == "trt":  # the profiles a default llama-build uses
             graph_info = manifest["graph"]
             manifest["tensorrt"] = trt_section(out_dir, graph_info, limits(graph_info, config.to_hf_dict()))
+        phase("verifying", log)
         manifest["verification"] = verify(tmp, manifest) if verify else {"skipped": "--no-verify"}
         manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest["export"]["total_seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        sealed = manifest_bytes(manifest)
+        (tmp / MANIFEST).write_bytes(sealed)
+        manifest = json.loads(sealed)  # as on disk, with its manifest_sha256
+        phase("publishing", log)
         publish(tmp, out_dir)
         return manifest
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise

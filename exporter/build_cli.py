@@ -13,6 +13,7 @@ from runtime.artifact import Artifact, ArtifactError
 from . import fused_attention
 from .engine import EXIT_NO_TENSORRT, build_engine, describe, tensorrt_status
 from .errors import ExportError
+from .staging import Interrupted, catch_signals, phase
 from .trt_profiles import limits, profiles
 
 def _describe(plan: list[dict]) -> str:
@@ -78,11 +79,14 @@ def main(directory, max_batch, max_input_len, max_seq_len, timing_cache, opt_lev
       llama-build out/tiny-float32-trt --max-batch 8 --max-input-len 256 --max-seq-len 512
       llama-build out/7b-float16-int8-trt --timing-cache ~/.cache/trt.cache --dry-run
     """
+    restore_signals = catch_signals()  # SIGINT/SIGTERM: one line (the engine and manifest are replaced atomically)
     try:
+        phase("checking", lambda message: click.echo(message, err=True))
         artifact = open_trt_ready(directory)
         graph = artifact.manifest["graph"]
         lim = limits(graph, artifact.config, max_batch, max_input_len, max_seq_len)
         plan = profiles(graph, lim)
+        phase("profiles", lambda message: click.echo(message, err=True))
         click.echo(f"{directory}: {graph.get('weights', artifact.dtype)} {graph.get('flavour', 'portable')} "
                    f"graph; profiles:\n{_describe(plan)}", err=True)
         click.echo(fused_attention.describe(artifact.dtype, artifact.head_dim), err=True)
@@ -103,6 +107,11 @@ def main(directory, max_batch, max_input_len, max_seq_len, timing_cache, opt_lev
     except ExportError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except Interrupted as err:
+        click.echo(f"error: interrupted by {err}; {directory} is as it was (no engine written)", err=True)
+        sys.exit(128 + err.signum)
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from .checkpoint import truncate_layers
 from .cli_options import dtype_option, model_options
 from .engine import EXIT_NO_TENSORRT, build_command, build_engine, describe, tensorrt_status
 from .errors import ExportError
-from .presets import PRESET_NAMES, find_tokenizer, resolve_checkpoint
+from .presets import PRESET_NAMES, check_vocabulary, find_tokenizer, resolve_checkpoint
+from .staging import Interrupted, catch_signals, write_failure
 from .trt_profiles import Limits
 
 
@@ -104,6 +105,7 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
       llama-export --model tiny --int4 --target ort --kv-cache static   # MatMulNBits 4-bit
       llama-export --model tiny --kv-cache static --max-seq-len 1024  # in-place cache updates
     """
+    restore_signals = catch_signals()  # SIGINT/SIGTERM unwind (removing the unfinished directory) to one line
     try:
         started = time.perf_counter()
         # the model and the flags first: a mistake in them is reported before anything heavy is imported
@@ -127,6 +129,8 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
         if tokenizer is None:
             click.echo("note: no tokenizer.model found; the artifact will have none (pass --tokenizer PATH)", err=True)
         c = ckpt.config
+        if tokenizer is not None:
+            check_vocabulary(tokenizer, c)
         max_seq = (max_seq_len or c.max_position_embeddings) if kv_cache == "static" else None
         from graphs import pipeline  # the heavy imports (torch, onnx, the graph passes), once the input is known good
 
@@ -182,6 +186,14 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
     except ExportError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except Interrupted as err:
+        click.echo(f"error: interrupted by {err}; the unfinished artifact was removed (nothing written to -o)", err=True)
+        sys.exit(128 + err.signum)
+    except OSError as err:
+        click.echo(f"error: {write_failure(err, output) or f'{err.strerror or err} ({err.filename})'}", err=True)
+        sys.exit(2)
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

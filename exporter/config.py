@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,29 @@ class LlamaConfig:
         for key in required.get(self.rope_type, ()):
             if key not in self.rope_scaling:
                 raise ExportError(f"rope_scaling of type {self.rope_type!r} needs {key!r}: {self.rope_scaling}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ExportError(f"rope_theta={self.rope_theta!r} must be a positive number (Llama 2: 10000.0)")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
+            raise ExportError(f"rms_norm_eps={self.rms_norm_eps!r} must be in (0, 1) (Llama 2: 1e-05)")
+        self._validate_rope_factors()
+
+    def _validate_rope_factors(self) -> None:
+        """The ranges transformers' rope validation asks for: factor >= 1; llama3 low < high frequency factor."""
+        scaling = self.rope_scaling or {}
+        factor = scaling.get("factor")
+        if factor is not None and not (isinstance(factor, (int, float)) and not isinstance(factor, bool)
+                                       and math.isfinite(factor) and factor >= 1):
+            raise ExportError(f"rope_scaling factor={factor!r} is out of range: it stretches the positions, so it "
+                              f"must be a number >= 1 (e.g. 2.0 for twice the context)")
+        if self.rope_type == "llama3":
+            low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+            original = scaling["original_max_position_embeddings"]
+            if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 < low < high):
+                raise ExportError(f"rope_scaling low_freq_factor={low!r} and high_freq_factor={high!r} are out of "
+                                  f"range: llama3 scaling needs 0 < low_freq_factor < high_freq_factor (e.g. 1 and 4)")
+            if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+                raise ExportError(f"rope_scaling original_max_position_embeddings={original!r} must be a positive "
+                                  f"integer")
         tp_dims = {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
                    "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
         for name, value in tp_dims.items():

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from runtime.artifact import sha256
+from runtime.artifact import manifest_bytes, sha256
 
 from . import fused_attention
 from .errors import ExportError
@@ -85,8 +85,9 @@ def record_engine(directory: Path, manifest: dict, engine: bytes, info: dict) ->
     manifest["files"][ENGINE_FILE] = {"bytes": len(engine), "sha256": digest}
     manifest.setdefault("tensorrt", {})["engine"] = {"file": ENGINE_FILE, "bytes": len(engine), "sha256": digest,
                                                      **info}
-    _atomic_write(directory / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
+    sealed = manifest_bytes(manifest)
+    _atomic_write(directory / "manifest.json", sealed)
+    return json.loads(sealed)
 
 
 def describe(directory: Path, manifest: dict) -> str:

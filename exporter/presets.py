@@ -85,13 +85,16 @@ def resolve_checkpoint(model: str, checkpoint: str | Path | None = None, random_
 
 
 def find_tokenizer(model_name: str, checkpoint: Path | None, explicit: Path | None) -> Path | None:
-    """--tokenizer, else a tokenizer.model beside the checkpoint (or in its parent, Meta's layout)."""
+    """--tokenizer, else a tokenizer.model beside --checkpoint (or in its parent, Meta's layout), else the model's;
+    checked to be a sentencepiece model."""
     if explicit is not None:
         if not explicit.is_file():
             raise ExportError(f"--tokenizer {explicit}: file not found")
-        return explicit
+        return _readable_tokenizer(explicit)
     dirs: list[Path] = [Path(checkpoint)] if checkpoint else []
-    if model_name == "tiny":
+    if checkpoint:  # only the checkpoint's own: --model (tiny by default) names another model's tokenizer
+        pass
+    elif model_name == "tiny":
         dirs.append(TINY_DIR)
     elif model_name in PRESET_NAMES:
         try:
@@ -103,5 +106,25 @@ def find_tokenizer(model_name: str, checkpoint: Path | None, explicit: Path | No
     for d in dirs:
         for candidate in (d / "tokenizer.model", d.parent / "tokenizer.model"):
             if candidate.is_file():
-                return candidate
+                return _readable_tokenizer(candidate)
     return None
+
+
+def check_vocabulary(tokenizer: Path, config: LlamaConfig) -> None:
+    """Refuse a tokenizer whose ids can exceed the model's vocabulary (its embedding would be read out of range)."""
+    from runtime.tokenizer import LlamaTokenizer
+
+    pieces = LlamaTokenizer(tokenizer).vocab_size
+    if pieces > config.vocab_size:
+        raise ExportError(f"{tokenizer} has {pieces} pieces but the model's vocabulary has {config.vocab_size}: it "
+                          f"is not this model's tokenizer; pass the checkpoint's own with --tokenizer PATH")
+
+
+def _readable_tokenizer(path: Path) -> Path:
+    from runtime.tokenizer import LlamaTokenizer, TokenizerError
+
+    try:
+        LlamaTokenizer(path)
+    except (TokenizerError, OSError) as err:
+        raise ExportError(f"{err}; or pass another with --tokenizer PATH") from None
+    return path

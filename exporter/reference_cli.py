@@ -10,7 +10,7 @@ import click
 
 from .cli_options import dtype_option, model_options
 from .errors import ExportError
-from .presets import find_tokenizer, resolve_checkpoint
+from .presets import check_vocabulary, find_tokenizer, resolve_checkpoint
 from runtime.chat import ChatFormatError, chat_prompt_ids
 from runtime.tokenizer import LlamaTokenizer, TokenizerError
 
@@ -42,12 +42,21 @@ def main(model_name, checkpoint, random_weights, seed, dtype, prompt, chat, syst
         if tokenizer is None:
             raise ExportError(f"no tokenizer.model found for {model_name!r}; pass --tokenizer PATH "
                               f"(a Llama sentencepiece model)")
+        check_vocabulary(tokenizer, ckpt.config)
         tok = LlamaTokenizer(tokenizer)
+        window = ckpt.config.max_position_embeddings
+        if not prompt.strip() and not chat:
+            raise ExportError("--prompt is empty; give at least one word of text to continue")
+        tok.encode_within(prompt, window, "--prompt")  # quick refusals: too long, not UTF-8
         if chat:
             dialog = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             ids = chat_prompt_ids(tok, dialog)
         else:
             ids = tok.encode(prompt)
+        if len(ids) + max_new_tokens > window:
+            raise ExportError(f"--prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+                              f"{window} positions; lower --max-new-tokens to {max(window - len(ids), 0)} or less"
+                              + ("" if len(ids) < window else " and shorten the prompt"))
         from .generate import generate  # torch, once the input is known good
         from .loading import load_model
 

@@ -4,9 +4,15 @@ Hashing reads every byte (seconds for a small model, tens of seconds for a 7B on
 file whose sha256 matched is remembered with its stat fingerprint (size, mtime and ctime in ns, inode, device)
 in a small record under `$LLAMA_EXPORT_CACHE` (default `$XDG_CACHE_HOME/llama-export`, else
 `~/.cache/llama-export`), one per artifact directory. The next open hashes only the files whose fingerprint
-changed: any write to a file, and any `touch` of it, changes its ctime, which no user can set back. The check
-guards against corruption and changed files, not against someone who can write both the artifact and your cache.
+changed: any write to a file, and any `touch` of it, changes its ctime, which no user can set back. A record
+counts only for the manifest it was made with (its sha256 is in the record), only if this user owns it and no one
+else can write it; it is written owner-only and atomically. The check guards against corruption and changed files,
+not against someone who can write your cache (docs/security.md has the threat model).
 `LLAMA_EXPORT_VERIFY=always` hashes every file on every open; a cache that cannot be written is skipped.
+
+An artifact may come from someone else, so every file name its manifest gives must be a plain name of a regular
+file inside the directory (no absolute path, no `..`, no symbolic link), every file the runtime reads must be
+listed with its sha256, and the graph's external weights may only come from listed files.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +43,29 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+SEAL = "manifest_sha256"
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """manifest.json as written: its first field, `manifest_sha256`, is the sha256 of these very bytes with that
+    field's 64 hex digits as zeros, so any changed byte (a digit, a letter's case, a space) is seen. Every writer of
+    manifest.json writes it through this function."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    text = (json.dumps({SEAL: "0" * 64, **body}, indent=2) + "\n").encode()
+    return text.replace(b"0" * 64, hashlib.sha256(text).hexdigest().encode(), 1)
+
+
+def _check_seal(raw: bytes, manifest: dict, manifest_path: Path) -> None:
+    """The manifest's own digest (absent in artifacts written before it existed: nothing to check)."""
+    seal = manifest.get(SEAL)
+    if seal is None:
+        return
+    if not (isinstance(seal, str) and len(seal) == 64 and seal.encode() in raw
+            and hashlib.sha256(raw.replace(seal.encode(), b"0" * 64, 1)).hexdigest() == seal):
+        raise ArtifactError(f"{manifest_path}: its bytes do not match its manifest_sha256; the manifest was modified "
+                            f"or damaged — re-export the artifact")
+
+
 def cache_root() -> Path:
     root = os.environ.get("LLAMA_EXPORT_CACHE")
     if root:
@@ -48,20 +78,32 @@ def _fingerprint(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-class VerifiedFiles:
-    """The files of one artifact directory whose sha256 matched, with their fingerprints then."""
+def _private_file(path: Path) -> bool:
+    """A regular file this user owns that no one else can write (a record anyone else could plant is ignored)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
-    def __init__(self, directory: Path):
+
+class VerifiedFiles:
+    """The files of one artifact directory whose sha256 matched, with their fingerprints then, for one manifest."""
+
+    def __init__(self, directory: Path, manifest_sha256: str):
         self.directory = str(directory.resolve())
+        self.manifest_sha256 = manifest_sha256
         key = hashlib.sha256(self.directory.encode()).hexdigest()[:32]
         self.path = cache_root() / "verified" / f"{key}.json"
         self.files: dict[str, dict] = {}
         try:
-            record = json.loads(self.path.read_text())
-            if record.get("directory") == self.directory and isinstance(record.get("files"), dict):
-                self.files = record["files"]
-        except (OSError, ValueError):
-            pass
+            if _private_file(self.path):
+                record = json.loads(self.path.read_text())
+                if (record.get("directory") == self.directory and record.get("manifest_sha256") == manifest_sha256
+                        and isinstance(record.get("files"), dict)):
+                    self.files = record["files"]
+        except (OSError, ValueError, AttributeError):
+            self.files = {}
         self.loaded = dict(self.files)
 
     def known(self, name: str, sha: str, fingerprint: list[int]) -> bool:
@@ -72,22 +114,56 @@ class VerifiedFiles:
         self.files[name] = {"sha256": sha, "stat": fingerprint}
 
     def save(self, names: set[str]) -> None:
-        """Write the record of these files (atomically), if it changed and the cache is writable."""
+        """Write the record of these files (owner-only, atomically), if it changed and the cache is writable."""
         files = {name: entry for name, entry in self.files.items() if name in names}
         if files == self.loaded:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")  # mode 0600
         except OSError:
             return
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"directory": self.directory, "files": files}, f)
+                json.dump({"directory": self.directory, "manifest_sha256": self.manifest_sha256, "files": files}, f)
             os.replace(temporary, self.path)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+
+
+def _plain_name(name: object, manifest_path: Path, what: str) -> str:
+    """`name` if it names a file directly inside the artifact directory; else the refusal."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        raise ArtifactError(f"{manifest_path}: {what} {name!r} is not a plain file name inside the artifact "
+                            f"directory (absolute paths, '..' and sub-directories are refused); re-export the "
+                            f"artifact, and do not run artifacts whose origin you do not trust")
+    return name
+
+
+def _external_data_files(graph: Path) -> set[str]:
+    """The files the ONNX graph's initializers read their bytes from (their `location`, as written)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
+        raise ArtifactError(f"{graph}: not a readable ONNX model ({type(err).__name__}); re-export the artifact") \
+            from None
+    graphs, found = [model.graph], set()
+    while graphs:
+        g = graphs.pop()
+        for tensor in g.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                found |= {entry.value for entry in tensor.external_data if entry.key == "location"}
+        for node in g.node:
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + list(
+                sub for a in node.attribute for sub in a.graphs)
+            for a in node.attribute:
+                if a.HasField("t") and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                    found |= {entry.value for entry in a.t.external_data if entry.key == "location"}
+    return found
 
 
 @dataclass(frozen=True)
@@ -143,20 +219,47 @@ class Artifact:
             raise ArtifactError(f"{directory} {what}: give an artifact directory (make one with llama-export)")
         if not manifest_path.is_file():
             raise ArtifactError(f"{directory}: no manifest.json; not an artifact directory (make one with llama-export)")
+        if ".partial-" in directory.resolve().name:
+            raise ArtifactError(f"{directory}: an unfinished export (llama-export builds in this hidden directory and "
+                                f"renames it when complete); run llama-export again, which removes it")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
+            raw = manifest_path.read_bytes()
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ArtifactError(f"{manifest_path}: not valid JSON ({err}); re-export the artifact") from None
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{manifest_path}: expected a JSON object; re-export the artifact")
+        _check_seal(raw, manifest, manifest_path)
         version = manifest.get("format_version")
         if version != SUPPORTED_FORMAT:
             raise ArtifactError(f"{manifest_path}: format_version {version!r} is not supported "
                                 f"(this runtime reads {SUPPORTED_FORMAT}); re-export with this llama-export")
         files = manifest.get("files", {})
-        verified = VerifiedFiles(directory)
+        graph = manifest.get("graph")
+        if not isinstance(files, dict) or not isinstance(graph, dict) or not isinstance(manifest.get("model"), dict):
+            raise ArtifactError(f"{manifest_path}: no 'files', 'graph' or 'model' section; re-export the artifact")
+        for name, info in files.items():
+            _plain_name(name, manifest_path, "file")
+            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
+                    and isinstance(info.get("sha256"), str)):
+                raise ArtifactError(f"{manifest_path}: file {name!r} has no 'bytes' and 'sha256'; re-export the "
+                                    f"artifact")
+        engine = (manifest.get("tensorrt") or {}).get("engine") if isinstance(manifest.get("tensorrt"), dict) else None
+        read = {"graph file": graph.get("file"), "graph data": graph.get("data", graph.get("file"))}
+        if isinstance(engine, dict):
+            read["TensorRT engine"] = engine.get("file")
+        for what, name in read.items():
+            if _plain_name(name, manifest_path, what) not in files:
+                raise ArtifactError(f"{manifest_path}: the {what} {name!r} is not listed in 'files' with its "
+                                    f"sha256, so it cannot be checked; re-export the artifact")
+        verified = VerifiedFiles(directory, hashlib.sha256(raw).hexdigest())
         if os.environ.get("LLAMA_EXPORT_VERIFY") == "always":
             verified.files.clear()
         for name, info in files.items():
             path = directory / name
+            if path.is_symlink():
+                raise ArtifactError(f"{path}: a symbolic link; an artifact's files must be regular files inside its "
+                                    f"directory — re-export the artifact (or copy it with its links resolved)")
             if not path.is_file():
                 raise ArtifactError(f"{path}: listed in the manifest but missing; re-export the artifact")
             if path.stat().st_size != info["bytes"]:
@@ -171,5 +274,9 @@ class Artifact:
                 raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was modified — "
                                     f"re-export the artifact")
             verified.add(name, info["sha256"], fingerprint)
+        outside = _external_data_files(directory / graph["file"]) - set(files)
+        if outside:
+            raise ArtifactError(f"{directory / graph['file']}: reads weights from {sorted(outside)[0]!r}, which is "
+                                f"not a file listed in the manifest; re-export the artifact")
         verified.save(set(files))
         return cls(directory, manifest)

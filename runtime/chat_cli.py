@@ -14,7 +14,7 @@ from .cli import ENVIRONMENT, to_stderr
 from .generate import Generation
 from .hugepages import relaunch_with_huge_pages
 from .sampling import SamplingParams
-from .tokenizer import LlamaTokenizer
+from .tokenizer import LlamaTokenizer, TokenizerError
 
 
 def fit_history(tokenizer: LlamaTokenizer, system: str | None, turns: list[dict], window: int,
@@ -43,7 +43,8 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
     """Chat with an artifact in the Llama-2-chat format, streaming each answer.
 
     The conversation is kept while it fits in the context window; the oldest turns are dropped
-    when it does not. Type /reset to start over, /quit (or end the input) to leave.
+    when it does not. Type /reset to start over, /quit (or end the input) to leave. Without a
+    terminal (input from a pipe or file) the exit status is 2 if a message was refused.
     """
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
@@ -57,12 +58,15 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
         sys.exit(2)
     window, turns = backend.max_length, []
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the tokenizer, which names them
+        sys.stdin.reconfigure(errors="surrogateescape")
+    refused = False  # without a terminal, a refused message makes the exit status 2
     while True:
         if interactive:
             click.echo("> ", nl=False)
         line = sys.stdin.readline()
         if not line or line.strip() == "/quit":
-            return
+            sys.exit(2 if refused and not interactive else 0)
         message = line.rstrip("\n")
         if message.strip() == "/reset":
             turns = []
@@ -71,10 +75,12 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
         if not message.strip():
             continue
         try:
+            tokenizer.encode_within(message, window, "this message")  # quick refusals: too long, not UTF-8
             kept, ids = fit_history(tokenizer, system, turns + [{"role": "user", "content": message}], window,
                                     reserve=1)
-        except ChatFormatError as err:
+        except (ChatFormatError, TokenizerError) as err:
             click.echo(f"error: {err}", err=True)
+            refused = True
             continue
         if len(kept) < len(turns) + 1:
             click.echo(f"(context window of {window} tokens full: dropped the oldest "
@@ -82,6 +88,7 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
         if len(ids) >= window:
             click.echo(f"error: this message alone needs {len(ids)} tokens; the context window is {window}. "
                        f"Send a shorter message or /reset.", err=True)
+            refused = True
             continue
         run = Generation(backend, tokenizer, [ids], window, min(max_new_tokens, window - len(ids)), params)
         for deltas in run:

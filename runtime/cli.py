@@ -72,7 +72,7 @@ def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, r
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)
-        ids = [tokenizer.encode(p) if p else [] for p in prompts]
+        ids = [tokenizer.encode_within(p, artifact.max_length) if p else [] for p in prompts]
         engine = open_backend(artifact, backend, threads, cuda_graph)
         run = Generation(engine, tokenizer, ids, engine.max_length, max_new_tokens, params, stop_strings=stop_strings)
         if as_json or len(prompts) > 1:

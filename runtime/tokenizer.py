@@ -25,7 +25,10 @@ class LlamaTokenizer:
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise TokenizerError(f"{self.model_file}: tokenizer model not found")
-        data = self.model_file.read_bytes()
+        try:
+            data = self.model_file.read_bytes()
+        except OSError as err:
+            raise TokenizerError(f"{self.model_file}: cannot read it ({err.strerror})") from None
         self.legacy, self.add_bos, self.add_eos = legacy, add_bos, add_eos
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -45,6 +48,8 @@ class LlamaTokenizer:
         # decode drops the first piece's leading space: the space the encoder added.
         self.plain_sp = self.sp if legacy else spm.SentencePieceProcessor(model_proto=data)
         self._unk_len = len(self.sp.encode(self.sp.id_to_piece(self.unk_id), out_type=str))
+        # no piece covers more characters than this: a text of n characters has at least n / longest_piece tokens
+        self.longest_piece = max(len(self.sp.id_to_piece(i)) for i in range(self.vocab_size))
 
     # ---- encoding ------------------------------------------------------------------------
 
@@ -71,12 +76,14 @@ class LlamaTokenizer:
 
     def encode_plain(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Meta's reference encode: `[bos] + sentencepiece.encode(text) + [eos]`, no special-token parsing."""
+        _check_unicode(text)
         return ([self.bos_id] if bos else []) + self.plain_sp.encode(text) + ([self.eos_id] if eos else [])
 
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
                split_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"expected text (str), got {type(text).__name__}")
+        _check_unicode(text)
         ids = [self.special_tokens.get(p) if split_special and p in self.special_tokens else self.sp.piece_to_id(p)
                for p in self.tokenize(text, split_special)]
         bos = self.add_bos if add_bos is None else add_bos
@@ -101,6 +108,14 @@ class LlamaTokenizer:
             else:
                 run.append(i)
         return "".join(out) + self.plain_sp.decode(run)
+
+    def encode_within(self, text: str, window: int, what: str = "the prompt") -> list[int]:
+        """`encode(text)`, refusing at once (before tokenizing) a text too long to fit `window` tokens whatever
+        its pieces: so 10 MB of text is a quick error, not minutes of tokenizing and gigabytes of ids."""
+        if len(text) > 4 * window * self.longest_piece:  # 4: room for normalization that joins characters
+            raise TokenizerError(f"{what} has {len(text)} characters, far more than the context window of {window} "
+                                 f"tokens can hold; shorten it")
+        return self.encode(text)
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -136,6 +151,16 @@ class StreamDecoder:
         text = self.tok.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return text[len(before):]
+
+
+def _check_unicode(text: str) -> None:
+    """Refuse a lone surrogate: what undecodable bytes on a command line become (Python's surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TokenizerError(f"the text is not valid UTF-8: character {err.start} is {text[err.start]!r} (bytes "
+                             f"that are not UTF-8, e.g. from a file in another encoding); convert it to UTF-8")\
+            from None
 
 
 def _without_dummy_prefix(model: bytes) -> bytes:

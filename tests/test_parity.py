@@ -23,7 +23,7 @@ from exporter.parity_run import (bisect_first, default_prompts, graph_copy, grap
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from graphs import pipeline
 from runtime import parity
-from runtime.artifact import Artifact
+from runtime.artifact import Artifact, manifest_bytes
 from runtime.generate import left_pad
 from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, write_safetensors_checkpoint
@@ -108,7 +108,7 @@ def corrupted(src: Path, dst: Path, edit) -> Path:
     manifest = json.loads((dst / "manifest.json").read_text())
     for name in manifest["files"]:
         manifest["files"][name] = {"bytes": (dst / name).stat().st_size, "sha256": sha256(dst / name)}
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (dst / "manifest.json").write_bytes(manifest_bytes(manifest))
     return dst
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from runtime import serving
+from runtime.artifact import manifest_bytes
 from runtime.chat import chat_prompt_ids
 from runtime.sampling import SamplingParams
 from runtime.serving.client import infer_inputs, is_final
@@ -285,7 +286,7 @@ def test_llama_triton_refuses_what_it_cannot_serve(artifact, tmp_path):
     shutil.copytree(artifact, portable)
     manifest = json.loads((portable / "manifest.json").read_text())
     manifest["graph"]["flavour"] = "portable"
-    (portable / "manifest.json").write_text(json.dumps(manifest))
+    (portable / "manifest.json").write_bytes(manifest_bytes(manifest))
     r = run_cli("llama-triton", portable, "-o", tmp_path / "repo")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "a portable artifact" in r.stderr and "--kv-cache static --max-seq-len N" in r.stderr
