@@ -22,7 +22,7 @@ from runtime.generate import generate
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import LlamaTokenizer
 
-WINDOW = 192
+WINDOW = 512  # long enough that a request outlives the client cancelling it, even on a loaded machine
 SHM = "/dev/shm/triton_python_backend_shm_region_*"
 BIN = Path(sys.executable).parent
 
