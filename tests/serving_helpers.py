@@ -98,6 +98,7 @@ class Served:
                 self.process.wait()
         if pid_alive(self.server_pid):
             os.kill(self.server_pid, signal.SIGKILL)
+        self.stderr = self.process.stderr.read()
         return self.process.returncode
 
     def leftover_shm(self) -> set[str]:

@@ -53,7 +53,7 @@ def served(artifact, tmp_path_factory):
     write_repository(artifact, repo, "tight", slots=1, queue=1, threads=1)  # for the full queue
     server = Served(repo, "--openai", "0", "--model", "llama")
     yield server
-    assert server.stop() == 0
+    assert server.stop() == 0, server.stderr
     assert not pid_alive(server.server_pid)
     assert not server.leftover_shm()
 
@@ -328,7 +328,7 @@ def test_sigterm_drains_streams_and_leaves_nothing(artifact, reference, tmp_path
     try:
         started.wait(60)
         assert server.process.poll() is None
-        assert server.stop() == 0
+        assert server.stop() == 0, server.stderr
     finally:
         server.stop()
     for t in threads:
@@ -403,5 +403,5 @@ def test_llama_serve_takes_an_artifact_directly(artifact, reference):
         got = generate(server, {"text_input": PROMPTS[6], "max_tokens": 16, "exclude_input_in_output": True}).json()
         assert got["text_output"] == reference(PROMPTS[6], 16).text
     finally:
-        assert server.stop() == 0
+        assert server.stop() == 0, server.stderr
     assert not pid_alive(server.server_pid) and not server.leftover_shm()
