@@ -224,9 +224,14 @@ class TritonPythonModel:
     def _send(self, live: Live, response, flags=0):
         try:
             live.sender.send(response, flags=flags)
-        except Exception:  # a client gone: nothing to deliver to; the engine is told by the cancellation check
+        except Exception as err:  # a client gone: nothing to deliver to; the engine is told by the cancellation check
             if live.handle is not None:
                 live.handle.cancel()
+            if flags & FINAL:  # the request must still end, or the server counts it in flight and cannot stop
+                try:
+                    live.sender.send(flags=FINAL)
+                except Exception as again:
+                    pb_utils.Logger.log_error(f"{self.name}: a request could not be ended ({err!r}; {again!r})")
 
     def _deliver(self, live: Live, event):
         if not event.final:

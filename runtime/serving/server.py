@@ -4,7 +4,8 @@ The server is `tritonserver` on PATH, else the one in the nvidia-pytriton wheel 
 for the wheel the Python stub of this Python is copied into the wheel's own `backends/python/` once, where its
 RPATH finds the wheel's libraries. Readiness is polled with a timeout, because a model whose Python stub cannot
 start makes the server wait forever. Stopping is SIGTERM and a wait: the server lets in-flight streams finish
-(its default exit timeout; a short `--exit-timeout-secs` crashes 2.51 with streams in flight), and the Python
+(an exit timeout of EXIT_TIMEOUT_S, longer than the default: a short one crashes 2.51 with streams in flight, and
+past it the server exits 1), and the Python
 backend's shared-memory segments that a killed server leaves in /dev/shm are removed.
 """
 
@@ -112,6 +113,10 @@ class Endpoints:
         return f"http://{self.host}:{self.metrics}/metrics"
 
 
+EXIT_TIMEOUT_S = 90  # in-flight requests get this long to finish after SIGTERM (Triton's default, 30 s, is short on
+# a loaded CPU); below stop()'s grace, so the server ends them itself rather than being killed
+
+
 class TritonServer:
     """`start()`, `wait_ready(timeout)`, `stop()`; the log goes to `log_path`."""
 
@@ -130,7 +135,8 @@ class TritonServer:
                f"--http-address={e.host}", f"--http-port={e.http}",
                f"--grpc-address={e.host}", f"--grpc-port={e.grpc}",
                f"--metrics-address={e.host}", f"--metrics-port={e.metrics}",
-               "--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-on-error=true"]
+               "--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-on-error=true",
+               f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
         return cmd + list(self.extra_args)
