@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-requests", type=int, default=0,
                     help="After the levels: this many more requests (at the largest level's concurrency), with the "
                          "server's RSS before and after them (needs --server-pid).")
+    ap.add_argument("--rss-new-tokens", type=int, default=None,
+                    help="New tokens per request of that run (default: --new-tokens): a leak grows per request.")
     ap.add_argument("--json", action="store_true", help="One JSON object instead of a table.")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -171,10 +173,11 @@ def main(argv=None) -> int:
             print(json.dumps(report["levels"][-1]), file=sys.stderr)
     if args.rss_requests and args.server_pid:
         before = tree_rss_mb(args.server_pid)
-        run = level(connect, max(levels), args.rss_requests, ids, args.new_tokens)
+        run = level(connect, max(levels), args.rss_requests, ids, args.rss_new_tokens or args.new_tokens)
         after = tree_rss_mb(args.server_pid)
         report["rss"] = {"requests": args.rss_requests, "before_mb": round(before, 1), "after_mb": round(after, 1),
-                         "growth_pct": round(100 * (after - before) / before, 2), "run": run}
+                         "growth_pct": round(100 * (after - before) / before, 2), "run": run,
+                         "new_tokens": args.rss_new_tokens or args.new_tokens}
     elif args.server_pid:
         report["rss_mb"] = round(tree_rss_mb(args.server_pid), 1)
     if args.json:
