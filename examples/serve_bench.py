@@ -87,11 +87,16 @@ def triton_stream(url: str, model: str):
 def openai_stream(url: str, model: str):
     import httpx
 
-    http = httpx.Client(timeout=600)
+    # a connection per request: llama.cpp's server closes idle keep-alive connections, and a request sent on one
+    # is lost ("Server disconnected without sending a response")
+    http = httpx.Client(timeout=600, headers={"Connection": "close"})
 
     def run(ids, new_tokens):
+        # cache_prompt: false — llama.cpp's server otherwise reuses a slot's cached prompt when the same request
+        # comes again (these requests repeat across levels), skipping the prefill the other servers do; others
+        # ignore the field
         body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+                "ignore_eos": True, "cache_prompt": False}
         marks = []
         with http.stream("POST", f"{url}/completions", json=body) as r:
             r.raise_for_status()
@@ -108,7 +113,7 @@ def openai_stream(url: str, model: str):
 def level(connect, clients: int, requests: int, ids: list[list[int]], new_tokens: int) -> dict:
     """`requests` requests through `clients` closed-loop clients; the figures of the run."""
     todo = iter(range(requests))  # request i is prompt i, in every level (as llama-load-bench runs them)
-    lock, ttft, gaps, tokens = threading.Lock(), [], [], [0]
+    lock, ttft, gaps, tokens, failed = threading.Lock(), [], [], [0], []
 
     def client():
         run = connect()
@@ -119,7 +124,12 @@ def level(connect, clients: int, requests: int, ids: list[list[int]], new_tokens
                 if i is None:
                     return
                 start = time.perf_counter()
-                marks = run(ids[i % len(ids)], new_tokens)
+                try:
+                    marks = run(ids[i % len(ids)], new_tokens)
+                except Exception as err:  # counted and reported; the client goes on with its next request
+                    with lock:
+                        failed.append(repr(err))
+                    continue
                 with lock:
                     if marks:
                         ttft.append(marks[0][0] - start)
@@ -136,7 +146,11 @@ def level(connect, clients: int, requests: int, ids: list[list[int]], new_tokens
         t.join()
     wall = time.perf_counter() - start
 
-    return summary(f"{clients} clients", wall, tokens[0], ttft, gaps, clients, None)
+    result = summary(f"{clients} clients", wall, tokens[0], ttft, gaps, clients, None)
+    result["failed"] = len(failed)
+    if failed:
+        print(f"{clients} clients: {len(failed)} of {requests} requests failed, e.g. {failed[0]}", file=sys.stderr)
+    return result
 
 
 def main(argv=None) -> int:
@@ -180,6 +194,7 @@ def main(argv=None) -> int:
                          "new_tokens": args.rss_new_tokens or args.new_tokens}
     elif args.server_pid:
         report["rss_mb"] = round(tree_rss_mb(args.server_pid), 1)
+    failed = sum(r["failed"] for r in report["levels"]) + (report["rss"]["run"]["failed"] if "rss" in report else 0)
     if args.json:
         print(json.dumps(report))
     else:
@@ -190,7 +205,7 @@ def main(argv=None) -> int:
         if "rss" in report:
             print(f"RSS {report['rss']['before_mb']} MB -> {report['rss']['after_mb']} MB after "
                   f"{args.rss_requests} requests ({report['rss']['growth_pct']:+}%)")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

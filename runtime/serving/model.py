@@ -2,10 +2,10 @@
 
 `execute` checks each request's inputs, submits it to `runtime.inflight.InflightBatcher` and returns at once.
 The engine's thread hands each event to a queue; one sender thread of this model turns the events into
-responses (`response_sender.send`, the last with TRITONSERVER_RESPONSE_COMPLETE_FINAL), checks
-`request.is_cancelled()` at each event (so a cancelled stream leaves the batch within one step) and for every
-request in flight every SWEEP_S (requests still waiting, and any behind a backlog of responses) and reports the custom metrics. Keeping Triton's IPC off the engine's
-thread keeps the engine stepping while responses are sent.
+responses (`response_sender.send`, the last with TRITONSERVER_RESPONSE_COMPLETE_FINAL). Every SWEEP_S it asks
+each request in flight whether it was cancelled (`request.is_cancelled()`, an IPC to the server, so not once per
+token): a cancelled stream leaves the batch within about one decode step. It refreshes the gauges every GAUGES_S.
+Keeping Triton's IPC off the engine's thread keeps the engine stepping while responses are sent.
 
 `llama-triton` copies this file into REPO/NAME/1/model.py; the interface is `runtime.serving.interface`.
 """
@@ -26,7 +26,8 @@ from runtime.sampling import SamplingParams
 from runtime.tokenizer import LlamaTokenizer
 from runtime.serving import interface
 
-SWEEP_S = 0.05  # how often waiting requests are checked for cancellation and the gauges are refreshed
+SWEEP_S = 0.05  # how often every request in flight is checked for cancellation (within a decode step)
+GAUGES_S = 0.5  # how often the gauges are refreshed (each set is an IPC to the server)
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -124,6 +125,7 @@ class TritonPythonModel:
                           description="Most requests that shared one engine step so far")
         self.m_shared = self.f_shared.Metric(labels=labels)
         self.steps_reported = 0
+        self.gauges_at = 0.0
 
     def _count(self, reason: str):
         if reason not in self.m_requests:
@@ -235,7 +237,7 @@ class TritonPythonModel:
 
     def _deliver(self, live: Live, event):
         if not event.final:
-            if live.check_cancelled():
+            if live.cancelled:  # seen by the sweep; no IPC per token (is_cancelled asks the server)
                 return
             if live.stream:
                 if event.text or event.tokens:
@@ -265,7 +267,10 @@ class TritonPythonModel:
     def _sweep(self):
         for live in list(self.live.values()):  # also while a backlog of events waits to be sent
             live.check_cancelled()
-        self._gauges()
+        now = time.monotonic()
+        if now - self.gauges_at >= GAUGES_S:
+            self.gauges_at = now
+            self._gauges()
 
     def _send_loop(self):
         swept = time.monotonic()
