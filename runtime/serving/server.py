@@ -5,8 +5,8 @@ for the wheel the Python stub of this Python is copied into the wheel's own `bac
 RPATH finds the wheel's libraries. Readiness is polled with a timeout, because a model whose Python stub cannot
 start makes the server wait forever. Stopping is SIGTERM and a wait: the server lets in-flight streams finish
 (an exit timeout of EXIT_TIMEOUT_S, longer than the default: a short one crashes 2.51 with streams in flight, and
-past it the server exits 1), and the Python
-backend's shared-memory segments that a killed server leaves in /dev/shm are removed.
+past it the server exits 1), and the Python backend's shared-memory segments that a killed server leaves in
+/dev/shm are removed.
 """
 
 from __future__ import annotations
