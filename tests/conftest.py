@@ -155,3 +155,27 @@ def heldout_ids():
 
     tok = LlamaTokenizer(TINY_DIR / "tokenizer.model")
     return np.array([tok.encode((TINY_DIR / "heldout.txt").read_text()[:20000])[:1024]])
+
+
+# ---- the runtime's configurations and transformers' greedy tokens (runtime and TensorRT tests) ----------------
+
+RUNTIME_CONFIGS = {
+    "mha": small_config(vocab_size=4096, max_position_embeddings=128),  # head_dim 16 (and gqa)
+    "gqa": small_config(vocab_size=4096, max_position_embeddings=128, hidden_size=128, num_attention_heads=8,
+                        num_key_value_heads=2)}
+PROMPTS = ["A list comprehension", "The tutorial explains how", "Hello"]
+
+
+def hf_greedy(ckpt, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers generate(do_sample=False) on a left-padded batch; new tokens up to (not incl.) EOS."""
+    model = transformers_model(ckpt.config, state_dict(ckpt))
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                             pad_token_id=0, eos_token_id=2)
+    rows = []
+    for row in out[:, longest:].tolist():
+        rows.append(row[:row.index(2)] if 2 in row else row)
+    return rows

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+import torch
 
 from exporter.artifact import build_artifact
 from exporter.checkpoint import RandomCheckpoint
@@ -108,3 +111,63 @@ def perplexity(directory, ids) -> tuple[float, np.ndarray]:
     feed = ort_feed(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], [(empty, empty)] * 4, 0)
     logits = run(directory / "model.onnx", feed, optimized=True)[0]
     return parity.perplexity(logits, ids), logits[0].argmax(-1)
+
+
+# ---- ONNX Runtime against the reference model, step by step (the export and pass tests) ----------------------
+
+def session(directory: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def padded_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """17 random tokens in 3 rows left-padded by 0, 5 and 9: ids, attention mask, positions."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab_size, (3, 17), generator=gen)
+    mask = torch.ones(3, 17, dtype=torch.long)
+    for row, pad in enumerate((0, 5, 9)):
+        mask[row, :pad] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run_steps(sess, model, config, np_dtype, prefill_keep: int, decode_steps: int = 8):
+    """Prefill 17 tokens of a left-padded batch of 3, then greedy decode steps; yields (ours, reference,
+    real-position mask, ort presents, reference presents) per step."""
+    ids, mask, pos = padded_batch(config.vocab_size)
+    empty = np.zeros((3, config.num_key_value_heads, 0, config.head_dim), np_dtype)
+    past = [(empty, empty)] * config.num_hidden_layers
+    cache = None
+    keep = prefill_keep
+    for step in range(decode_steps + 1):
+        out = sess.run(None, ort_feed(ids.numpy(), mask.numpy(), pos.numpy(), past, keep))
+        with torch.no_grad():
+            ref, cache = model(ids, mask, pos, past_key_values=cache, logits_to_keep=keep)
+        real = mask[:, -ref.shape[1]:].bool().numpy()
+        yield out[0], ref.numpy(), real, out[1:], cache
+        past = list(zip(out[1::2], out[2::2]))
+        ids = torch.from_numpy(out[0][:, -1].argmax(-1)).view(3, 1)
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+        pos = pos[:, -1:] + 1
+        keep = 1
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`llama-export ARGS` (as `python -m exporter.cli`), its output captured."""
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+# ---- the static cache's steps (static-cache and GroupQueryAttention pass tests) -------------------------------
+
+SLOTS = 16
+
+
+def steps(rng):
+    """A left-padded prefill of 6 (row 1 padded by 2), then decode steps of 1, 2 and 1 tokens."""
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :2] = 0
+    yield rng.integers(3, GQA.vocab_size, (2, 6)), mask, 0
+    for seq in (1, 2, 1):
+        mask = np.concatenate([mask, np.ones((2, seq), np.int64)], axis=1)
+        yield rng.integers(3, GQA.vocab_size, (2, seq)), mask, 1

@@ -114,3 +114,17 @@ def test_export_commands_without_the_export_extra_say_how_to_install_it():
     assert run.stderr.strip().splitlines() == [
         "error: exporting needs the export extra (torch, safetensors, huggingface_hub, onnxscript, onnx_ir, polygraphy "
         "not installed): pip install 'llama-export[export]' (running an artifact needs only the base install)"]
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in conftest.py and the *_helpers.py modules, never in a test module."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not offenders, offenders

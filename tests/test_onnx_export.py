@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -19,8 +16,8 @@ from exporter.loading import load_model
 from exporter.onnx_export import io_contract
 from exporter.presets import resolve_checkpoint
 from runtime import parity
-from runtime.backends import ort_feed
 from conftest import small_config, state_dict, write_safetensors_checkpoint
+from graph_helpers import cli, run_steps, session
 
 ONNX_TYPES = {"float32": 1, "float16": 10, "int64": 7}
 CONFIGS = {
@@ -30,43 +27,6 @@ CONFIGS = {
                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
 }
-
-
-def session(directory: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
-
-
-def padded_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """17 random tokens in 3 rows left-padded by 0, 5 and 9: ids, attention mask, positions."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab_size, (3, 17), generator=gen)
-    mask = torch.ones(3, 17, dtype=torch.long)
-    for row, pad in enumerate((0, 5, 9)):
-        mask[row, :pad] = 0
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def run_steps(sess, model, config, np_dtype, prefill_keep: int, decode_steps: int = 8):
-    """Prefill 17 tokens of a left-padded batch of 3, then greedy decode steps; yields (ours, reference,
-    real-position mask, ort presents, reference presents) per step."""
-    ids, mask, pos = padded_batch(config.vocab_size)
-    empty = np.zeros((3, config.num_key_value_heads, 0, config.head_dim), np_dtype)
-    past = [(empty, empty)] * config.num_hidden_layers
-    cache = None
-    keep = prefill_keep
-    for step in range(decode_steps + 1):
-        out = sess.run(None, ort_feed(ids.numpy(), mask.numpy(), pos.numpy(), past, keep))
-        with torch.no_grad():
-            ref, cache = model(ids, mask, pos, past_key_values=cache, logits_to_keep=keep)
-        real = mask[:, -ref.shape[1]:].bool().numpy()
-        yield out[0], ref.numpy(), real, out[1:], cache
-        past = list(zip(out[1::2], out[2::2]))
-        ids = torch.from_numpy(out[0][:, -1].argmax(-1)).view(3, 1)
-        mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
-        pos = pos[:, -1:] + 1
-        keep = 1
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +172,6 @@ def test_num_layers_keeps_the_first_layers(tmp_path):
 
 
 # ---- the command line ------------------------------------------------------------------------------
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
 
 
 def test_cli_exports_and_verifies_tiny(tmp_path):

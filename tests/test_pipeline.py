@@ -12,7 +12,7 @@ from exporter.loading import load_model
 from exporter.presets import resolve_checkpoint
 from graphs import trt_check
 from graph_helpers import GQA
-from test_onnx_export import run_steps, session
+from graph_helpers import run_steps, session
 
 LEFT_IN_LAYERS = ("Softmax", "Pow", "ReduceMean", "Sin", "Cos")
 

@@ -13,7 +13,7 @@ from graphs.rules import ort_gqa, ort_rotary, packed_matmul, rms_norm, rotary, s
 from runtime.backends import ort_feed
 from conftest import small_config
 from graph_helpers import GQA, assert_same_outputs, assert_updates_in_place, run, save, traced
-from test_rule_static_cache import SLOTS, steps
+from graph_helpers import SLOTS, steps
 
 LAYERS = GQA.num_hidden_layers
 

@@ -13,7 +13,7 @@ from graphs import pipeline
 from graphs.rules import precision
 from runtime.backends import ort_feed
 from graph_helpers import GQA, feeds, run, save, traced
-from test_onnx_export import cli
+from graph_helpers import cli
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 

@@ -15,7 +15,7 @@ from exporter.presets import TINY_DIR, resolve_checkpoint
 from graphs import calibrate, pipeline, trt_check
 from graphs.rules import packed_matmul, rms_norm, rotary, smooth_quant
 from graph_helpers import GQA, assert_same_outputs, perplexity, save, traced
-from test_onnx_export import cli
+from graph_helpers import cli
 
 
 def fused(path):

@@ -11,11 +11,7 @@ import pytest
 from graphs import pipeline, trt_check
 from graphs.rules import static_cache
 from runtime.backends import ort_feed
-from graph_helpers import GQA, assert_updates_in_place, run, save, traced
-from test_onnx_export import cli
-
-SLOTS = 16
-
+from graph_helpers import GQA, SLOTS, assert_updates_in_place, cli, run, save, steps, traced
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
@@ -26,16 +22,6 @@ def graphs(tmp_path_factory):
     assert static_cache.apply(model, SLOTS) == 2 * GQA.num_hidden_layers
     pipeline._cleanup(model)
     return before, save(model, tmp / "static" / "model.onnx")
-
-
-def steps(rng):
-    """A left-padded prefill of 6 (row 1 padded by 2), then decode steps of 1, 2 and 1 tokens."""
-    mask = np.ones((2, 6), np.int64)
-    mask[1, :2] = 0
-    yield rng.integers(3, GQA.vocab_size, (2, 6)), mask, 0
-    for seq in (1, 2, 1):
-        mask = np.concatenate([mask, np.ones((2, seq), np.int64)], axis=1)
-        yield rng.integers(3, GQA.vocab_size, (2, seq)), mask, 1
 
 
 def test_static_graph_matches_portable_step_after_step(graphs):

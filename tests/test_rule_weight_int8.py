@@ -12,7 +12,7 @@ from exporter.presets import resolve_checkpoint
 from graphs import pipeline, trt_check
 from graphs.rules import weight_int8
 from graph_helpers import assert_same_outputs, feeds, perplexity, run, save, traced
-from test_onnx_export import cli
+from graph_helpers import cli
 
 
 def test_quantize_is_symmetric_per_output_channel():

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from exporter.artifact import build_artifact
 from exporter.checkpoint import RandomCheckpoint
@@ -19,13 +18,7 @@ from runtime.backends import OrtBackend, StaticOrtBackend, open_backend
 from runtime.generate import Generation, GenerationError, generate
 from runtime.hugepages import huge_pages_state
 from runtime.sampling import SamplingParams, filtered_probs, sample
-from conftest import small_config, state_dict, transformers_model
-
-CONFIGS = {"mha": small_config(vocab_size=4096, max_position_embeddings=128),  # head_dim 16 (and gqa)
-           "gqa": small_config(vocab_size=4096, max_position_embeddings=128, hidden_size=128, num_attention_heads=8,
-                               num_key_value_heads=2)}
-PROMPTS = ["A list comprehension", "The tutorial explains how", "Hello"]
-
+from conftest import PROMPTS, RUNTIME_CONFIGS as CONFIGS, hf_greedy
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
@@ -45,21 +38,6 @@ def artifacts(tmp_path_factory):
             made[case, flavour] = (Artifact.open(out), ckpt)
         return made[case, flavour]
     return get
-
-
-def hf_greedy(ckpt, prompts: list[list[int]], new: int) -> list[list[int]]:
-    """transformers generate(do_sample=False) on a left-padded batch; new tokens up to (not incl.) EOS."""
-    model = transformers_model(ckpt.config, state_dict(ckpt))
-    longest = max(map(len, prompts))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                             pad_token_id=0, eos_token_id=2)
-    rows = []
-    for row in out[:, longest:].tolist():
-        rows.append(row[:row.index(2)] if 2 in row else row)
-    return rows
 
 
 @pytest.mark.parametrize("case, flavour", [("mha", "portable"), ("gqa", "portable"), ("tiny", "portable"),

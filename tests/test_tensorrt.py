@@ -23,7 +23,7 @@ from runtime.artifact import Artifact, ArtifactError
 from runtime.backends import open_backend
 from runtime.backends.trt import (TrtBackend, TrtCache, changed_bindings, cuda_graph_refusal, engine_mismatch, expect,
                                   pick_profile)
-from test_onnx_export import cli
+from graph_helpers import cli
 
 HERE = tensorrt_status()
 no_tensorrt_here = pytest.mark.skipif(HERE.usable, reason="checks the fallback where TensorRT or a GPU is missing")

@@ -27,8 +27,8 @@ from runtime.artifact import Artifact
 from runtime.backends import open_backend
 from runtime.generate import generate
 from runtime.tokenizer import LlamaTokenizer
-from test_onnx_export import padded_batch
-from test_runtime import CONFIGS, PROMPTS, hf_greedy
+from conftest import PROMPTS, RUNTIME_CONFIGS as CONFIGS, hf_greedy
+from graph_helpers import padded_batch
 
 HERE = tensorrt_status()
 pytestmark = pytest.mark.skipif(not HERE.usable, reason=f"needs TensorRT 11 and a CUDA GPU: {HERE.reason}")
