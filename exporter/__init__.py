@@ -13,12 +13,10 @@ EXPORT_MODULES = ("torch", "safetensors", "huggingface_hub", "onnxscript", "onnx
 COMMANDS = ("llama-export", "llama-build", "llama-reference", "llama-parity")
 
 
-def _missing() -> list[str]:
-    return [name for name in EXPORT_MODULES if importlib.util.find_spec(name) is None]
+_MISSING = [name for name in EXPORT_MODULES if importlib.util.find_spec(name) is None]
 
-
-if _missing():
-    _message = (f"exporting needs the export extra ({', '.join(_missing())} not installed): "
+if _MISSING:
+    _message = (f"exporting needs the export extra ({', '.join(_MISSING)} not installed): "
                 f"pip install 'llama-export[export]' (running an artifact needs only the base install)")
     _argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
     if _argv0.name in COMMANDS or _argv0.parent == Path(__file__).parent:  # a command, not a library import

@@ -1,7 +1,14 @@
 """The one-direction flow: graphs never imports torch; runtime never imports exporter."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from exporter import EXPORT_MODULES
 
 
 def imported_after(statement: str) -> set[str]:
@@ -26,30 +33,40 @@ def test_export_commands_check_their_input_before_the_heavy_imports():
 
 # ---- the base install: running an artifact needs no torch ------------------------------------------------------
 
-EXPORT_ONLY = ("torch", "safetensors", "huggingface_hub", "onnxscript", "onnx_ir", "polygraphy", "transformers",
-               "matplotlib")  # ml_dtypes too is the export extra's, but onnx (base) depends on it
+# what only the export and test extras install (ml_dtypes is the export extra's too, but onnx, a base dependency,
+# depends on it)
+EXPORT_ONLY = tuple(m for m in EXPORT_MODULES if m != "ml_dtypes") + ("transformers", "matplotlib")
 BLOCK = f"import sys\nfor _m in {EXPORT_ONLY!r}: sys.modules[_m] = None  # as if not installed\n"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The top-level names a Python file imports (`from .x` counts as "")."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[0])
+    return names
 
 
 def test_the_base_install_declares_no_export_dependency():
     import tomllib
-    from pathlib import Path
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    base = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("-", "_")
-            for d in project["dependencies"]}
+
+    def names(requirements):  # module names are the distributions' canonical names with "_"
+        return {canonicalize_name(Requirement(r).name).replace("-", "_") for r in requirements}
+
+    base = names(project["dependencies"])
     assert not base & set(EXPORT_ONLY), base & set(EXPORT_ONLY)
-    export = {d.split(">")[0].split("=")[0].strip().lower().replace("-", "_")
-              for d in project["optional-dependencies"]["export"]}
-    assert set(EXPORT_ONLY) - {"transformers", "matplotlib"} <= export
+    assert set(EXPORT_MODULES) <= names(project["optional-dependencies"]["export"])
 
 
 def test_an_artifact_runs_with_the_export_modules_uninstalled(tmp_path):
     """llama-generate's path, the in-flight batcher and llama-triton's writer run with torch & co. unimportable,
     and give the PyTorch reference model's greedy tokens; the Triton model imports only the runtime."""
-    import ast
     import json
-    from pathlib import Path
 
     import runtime.serving
     from exporter.artifact import build_artifact
@@ -99,10 +116,7 @@ print(json.dumps({{"solo": solo, "batched": batched, "guard": guard,
     assert (tmp_path / "repo" / "llama" / "config.pbtxt").is_file()
 
     model = Path(runtime.serving.__file__).parent / "model.py"  # runs in Triton's stub, which we cannot import here
-    imported = {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(model.read_text()))
-                if isinstance(n, ast.ImportFrom)}
-    imported |= {a.name.split(".")[0] for n in ast.walk(ast.parse(model.read_text())) if isinstance(n, ast.Import)
-                 for a in n.names}
+    imported = imported_modules(model)
     assert imported <= {"__future__", "json", "queue", "threading", "time", "pathlib", "numpy",
                         "triton_python_backend_utils", "runtime"}, imported
 
@@ -118,13 +132,6 @@ def test_export_commands_without_the_export_extra_say_how_to_install_it():
 
 def test_no_test_module_imports_another():
     """Shared test code lives in conftest.py and the *_helpers.py modules, never in a test module."""
-    import ast
-    from pathlib import Path
-
-    offenders = []
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    offenders = [f"{path.name} imports {name}" for path in sorted(Path(__file__).parent.glob("*.py"))
+                 for name in sorted(imported_modules(path)) if name.startswith("test_")]
     assert not offenders, offenders
