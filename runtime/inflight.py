@@ -251,12 +251,14 @@ class InflightBatcher:
                     "rows_per_step": dict(sorted(self._rows_per_step.items())),
                     "mean_occupancy": round(rows / (steps * self.slots), 4) if steps else 0.0}
 
-    def close(self) -> None:
-        """Cancel every queued and running request (their final events are sent) and join the thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Cancel every queued and running request (their final events are sent) and join the thread (within
+        `timeout` seconds, if given); returns whether the thread has ended."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def __enter__(self) -> "InflightBatcher":
         return self

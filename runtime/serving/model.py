@@ -28,6 +28,7 @@ from runtime.serving import interface
 
 SWEEP_S = 0.05  # how often every request in flight is checked for cancellation (within a decode step)
 GAUGES_S = 0.5  # how often the gauges are refreshed (each set is an IPC to the server)
+FINALIZE_S = 20.0  # the longest finalize waits for the batcher, then for the sender
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -126,6 +127,7 @@ class TritonPythonModel:
         self.m_shared = self.f_shared.Metric(labels=labels)
         self.steps_reported = 0
         self.gauges_at = 0.0
+        self.closing = False
 
     def _count(self, reason: str):
         if reason not in self.m_requests:
@@ -265,10 +267,12 @@ class TritonPythonModel:
             self._send(live, self._response(live.prefix + "".join(live.text), live.tokens, done.finish_reason), FINAL)
 
     def _sweep(self):
+        if self.closing:  # finalize cancels every request itself
+            return
         for live in list(self.live.values()):  # also while a backlog of events waits to be sent
             live.check_cancelled()
         now = time.monotonic()
-        if now - self.gauges_at >= GAUGES_S:
+        if now - self.gauges_at >= GAUGES_S and not self.closing:
             self.gauges_at = now
             self._gauges()
 
@@ -301,6 +305,15 @@ class TritonPythonModel:
                     pb_utils.Logger.log_error(f"{self.name}: cancellation sweep failed: {err!r}")
 
     def finalize(self):
-        self.batcher.close()  # cancels what is left; their final events go out through the sender thread
+        """Every wait is bounded: a model that does not return from finalize keeps tritonserver from stopping."""
+        started = time.monotonic()
+        self.closing = True  # the sender stops asking the server anything but to send the final responses
+        batcher_ended = self.batcher.close(timeout=FINALIZE_S)  # cancels the rest; their finals go to the sender
         self.outbox.put(STOP)
-        self.sender.join(timeout=30)
+        self.sender.join(timeout=FINALIZE_S)
+        left = len(self.live)
+        self.live.clear()
+        state = lambda alive: "STILL RUNNING" if alive else "ended"  # noqa: E731
+        pb_utils.Logger.log_info(f"{self.name}: finalized in {time.monotonic() - started:.1f} s (batcher "
+                                 f"{state(not batcher_ended)}, sender {state(self.sender.is_alive())}, {left} "
+                                 f"requests not ended)")

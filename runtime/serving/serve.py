@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -33,6 +34,16 @@ def artifact_of(repo: Path, name: str) -> Path:
     config = text_format.Parse((repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
     location = Path(config.parameters[ARTIFACT].string_value)
     return location if location.is_absolute() else repo / name / location
+
+
+def _excerpt(log: str, limit: int = 3000) -> str:
+    """The end of tritonserver's log for an error message, its once-a-second "Timeout N: Found ..." countdown
+    (printed while it waits for models to unload) cut to its last line, so that the lines before it show."""
+    lines = log.splitlines()
+    countdown = [i for i, line in enumerate(lines) if re.search(r'"Timeout \d+: Found', line)]
+    dropped = set(countdown[:-1])
+    kept = [line for i, line in enumerate(lines) if i not in dropped]
+    return "\n".join(kept)[-limit:]
 
 
 def _fail(message: str, code: int = 1):
@@ -156,12 +167,12 @@ def serve_until_stopped(server: TritonServer, openai_server, stop: threading.Eve
     crashed = server.process.poll()
     if crashed is not None:
         server.stop()
-        click.echo(f"error: tritonserver exited ({crashed}):\n{server.log_text()[-3000:]}", err=True)
+        click.echo(f"error: tritonserver exited ({crashed}):\n{_excerpt(server.log_text())}", err=True)
         return 1
     click.echo("stopping: letting in-flight requests finish", err=True)
     code = server.stop()
     if code not in (0, None):
-        click.echo(f"error: tritonserver exited {code} while stopping:\n{server.log_text()[-3000:]}", err=True)
+        click.echo(f"error: tritonserver exited {code} while stopping:\n{_excerpt(server.log_text())}", err=True)
         return 1
     return 0
 
