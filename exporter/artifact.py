@@ -7,6 +7,7 @@ inside the temporary directory); `staging` holds the output's lock and cleans wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -19,7 +20,9 @@ from typing import Callable
 import onnx
 
 from graphs import pipeline
-from runtime.artifact import manifest_bytes, sha256  # the runtime checks the same digests
+from graphs.options import ExportOptions, OptionsError
+from runtime.artifact_format import (ExportRecord, FileRecord, GraphRecord, Manifest, ModelRecord, manifest_bytes,
+                                     parse_manifest, sha256)  # the contract the runtime reads
 
 from .checkpoint import Checkpoint, expected_tensors
 from .config import LlamaConfig
@@ -29,7 +32,6 @@ from .onnx_export import DATA_FILE, OPSET, io_contract, trace, write_weights
 from .staging import discard, phase, prepare_output, publish
 from .trt_profiles import limits
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
@@ -43,40 +45,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _weights_label(dtype: str, int8: bool, smoothquant: pipeline.SmoothQuant | None, int4: bool = False) -> str:
-    if smoothquant is not None:
-        return f"int8 SmoothQuant W8A8 (alpha {smoothquant.alpha})"
-    return "int8 weight-only" if int8 else "int4 weight-only (blocks of 32)" if int4 else dtype
-
-
 def build_artifact(
-    ckpt: Checkpoint, out_dir: Path, dtype: str, *, force: bool = False, tokenizer: Path | None = None,
-    verify: Callable[[Path, dict], dict] | None = None, describe: dict | None = None,
+    ckpt: Checkpoint, out_dir: Path, options: ExportOptions, *, force: bool = False, tokenizer: Path | None = None,
+    verify: Callable[[Path, Manifest], dict] | None = None, describe: dict | None = None,
     log: Callable[[str], None] = print, progress: Callable[[int], Callable[[str], None]] | None = None,
-    target: str = "onnx", optimize: bool = False, int8: bool = False,
-    smoothquant: pipeline.SmoothQuant | None = None, max_seq: int | None = None, int4: bool = False,
-) -> dict:
-    """Export `ckpt` into `out_dir`; returns the manifest. `verify(tmp_dir, manifest)` runs before publishing.
-
-    With `optimize`, the traced graph goes through `graphs.pipeline` for `target` (and int8)."""
-    if int8 and not optimize:
-        raise ExportError("--int8 is a graph pass: it needs the optimization pipeline (drop --no-optimize)")
-    if int4 and (int8 or not optimize or target != "ort"):
-        raise ExportError("--int4 is ONNX Runtime's MatMulNBits: use it alone (not with --int8), with --target ort "
-                          "and the optimization pipeline (TensorRT takes --int8)")
-    if dtype == "bfloat16" and not optimize:
-        raise ExportError("--bf16 needs the optimization pipeline (drop --no-optimize): the traced graph splits "
-                          "the rotary halves with SplitToSequence, which ONNX does not define for bfloat16")
-    if smoothquant is not None and not int8:
-        raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
-    if max_seq is not None:
-        if not optimize:
-            raise ExportError("--kv-cache static is a graph pass: it needs the optimization pipeline "
-                              "(drop --no-optimize)")
-        limit = ckpt.config.max_position_embeddings
-        if not 1 <= max_seq <= limit:
-            raise ExportError(f"--max-seq-len {max_seq} is out of range: the model has {limit} positions "
-                              f"(use 1..{limit})")
+    smoothquant: pipeline.SmoothQuant | None = None,
+) -> Manifest:
+    """Export `ckpt` into `out_dir` as `options` say; returns the manifest. `verify(tmp_dir, manifest)` runs before
+    publishing. W8A8 (`options.quantization`) calibrates on `smoothquant`'s sequences."""
+    try:
+        max_seq = options.slots(ckpt.config.max_position_embeddings)
+    except OptionsError as err:
+        raise ExportError(str(err)) from None
+    dtype, target = options.dtype, options.target
     tmp = prepare_output(out_dir, force, log)
     try:
         started = time.perf_counter()
@@ -99,13 +80,12 @@ def build_artifact(
                 converted = pipeline.convert_precision(graph, dtype, target)
                 log(f"  {converted.name}: {converted.detail}")
                 passes.append(converted.as_dict())
-            if optimize:
-                weights = " with int8 weights" if int8 else " with int4 weights" if int4 else ""
-                log(f"optimizing for target {target}{weights}{' and activations (SmoothQuant)' if smoothquant else ''}")
+            if options.optimize:
+                weights = "" if options.quantization == "none" else f"; weights: {options.weights_label}"
+                log(f"optimizing for target {target}{weights}")
                 staged = tmp / ".optimized" / "model.onnx"
-                reports, counts = pipeline.run(graph, staged, target, int8=int8, smoothquant=smoothquant,
-                                               max_seq=max_seq, max_positions=config.max_position_embeddings,
-                                               log=log, int4=int4)
+                reports, counts = pipeline.run(graph, staged, options, config.max_position_embeddings,
+                                               smoothquant=smoothquant, log=log)
                 os.replace(staged, graph)
                 os.replace(staged.parent / DATA_FILE, tmp / DATA_FILE)
                 staged.parent.rmdir()
@@ -123,31 +103,28 @@ def build_artifact(
         (tmp / "config.json").write_text(json.dumps(config.replace(torch_dtype=dtype).to_hf_dict(), indent=2) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "model": {**(describe or {}), "config": config.to_hf_dict(), "num_parameters": config.num_parameters()},
-            "dtype": dtype,
-            "graph": {"file": "model.onnx", "data": DATA_FILE, "opset": opsets.get("", OPSET),
-                      "flavour": "static" if max_seq else "portable",
-                      **({"max_sequence_length": max_seq} if max_seq else {}),
-                      "target": target, "optimized": optimize,
-                      "weights": _weights_label(dtype, int8, smoothquant, int4),
-                      "io": io_contract(config, dtype, max_seq),
-                      **({"op_counts": counts} if counts else {})},
-            "tools": _versions(),
-            "export": {"traced_on": "meta", "weights_streamed": names, "weights_bytes": data_bytes,
-                       "trace_seconds": round(traced - started, 2), "passes": passes},
-        }
+        manifest = Manifest(
+            model=ModelRecord(config.to_hf_dict(), config.num_parameters(), **(describe or {})),
+            dtype=dtype,
+            graph=GraphRecord(file="model.onnx", data=DATA_FILE, opset=opsets.get("", OPSET),
+                              flavour=options.kv_cache, target=target, optimized=options.optimize,
+                              weights=options.weights_label,
+                              io=io_contract(config, dtype, max_seq), max_sequence_length=max_seq, op_counts=counts),
+            tools=_versions(),
+            export=ExportRecord(traced_on="meta", weights_streamed=names, weights_bytes=data_bytes,
+                                trace_seconds=round(traced - started, 2), passes=passes),
+            verification={}, files={})
         if target == "trt":  # the profiles a default llama-build uses
-            graph_info = manifest["graph"]
-            manifest["tensorrt"] = trt_section(out_dir, graph_info, limits(graph_info, config.to_hf_dict()))
+            manifest = manifest.replace(tensorrt=trt_section(out_dir, manifest.graph,
+                                                             limits(manifest.graph, manifest.model.config)))
         phase("verifying", log)
-        manifest["verification"] = verify(tmp, manifest) if verify else {"skipped": "--no-verify"}
-        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest["export"]["total_seconds"] = round(time.perf_counter() - started, 2)
+        manifest = manifest.replace(verification=verify(tmp, manifest) if verify else {"skipped": "--no-verify"})
+        files = {p.name: FileRecord(p.stat().st_size, sha256(p)) for p in sorted(tmp.iterdir())}
+        manifest = manifest.replace(files=files, export=dataclasses.replace(
+            manifest.export, total_seconds=round(time.perf_counter() - started, 2)))
         sealed = manifest_bytes(manifest)
         (tmp / MANIFEST).write_bytes(sealed)
-        manifest = json.loads(sealed)  # as on disk, with its manifest_sha256
+        manifest = parse_manifest(sealed, out_dir / MANIFEST)  # as on disk, with its seal
         phase("publishing", log)
         publish(tmp, out_dir)
         return manifest

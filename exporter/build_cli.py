@@ -31,7 +31,7 @@ def open_trt_ready(directory: Path) -> Artifact:
         artifact = Artifact.open(directory, log=lambda message: click.echo(message, err=True))
     except ArtifactError as err:
         raise ExportError(str(err)) from None
-    target = artifact.manifest["graph"].get("target")
+    target = artifact.manifest.graph.target
     if target != "trt":
         raise ExportError(f"{directory} was exported with --target {target}; TensorRT engines are built from a "
                           f"graph checked against TensorRT's parser: re-export with llama-export ... --target trt")
@@ -83,11 +83,11 @@ def main(directory, max_batch, max_input_len, max_seq_len, timing_cache, opt_lev
     try:
         phase("checking", lambda message: click.echo(message, err=True))
         artifact = open_trt_ready(directory)
-        graph = artifact.manifest["graph"]
+        graph = artifact.manifest.graph
         lim = limits(graph, artifact.config, max_batch, max_input_len, max_seq_len)
         plan = profiles(graph, lim)
         phase("profiles", lambda message: click.echo(message, err=True))
-        click.echo(f"{directory}: {graph.get('weights', artifact.dtype)} {graph.get('flavour', 'portable')} "
+        click.echo(f"{directory}: {graph.weights} {graph.flavour} "
                    f"graph; profiles:\n{_describe(plan)}", err=True)
         click.echo(fused_attention.describe(artifact.dtype, artifact.head_dim), err=True)
         if dry_run:

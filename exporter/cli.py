@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from graphs.options import ExportOptions, OptionsError
+from runtime.artifact_format import Manifest
+
 from . import fused_attention
 from .checkpoint import truncate_layers
 from .cli_options import dtype_option, model_options
@@ -15,7 +18,6 @@ from .engine import EXIT_NO_TENSORRT, build_command, build_engine, describe, ten
 from .errors import ExportError
 from .presets import PRESET_NAMES, check_vocabulary, find_tokenizer, resolve_checkpoint
 from .staging import Interrupted, catch_signals, write_failure
-from .trt_profiles import Limits
 
 
 def _progress(total: int):
@@ -110,28 +112,25 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
         started = time.perf_counter()
         # the model and the flags first: a mistake in them is reported before anything heavy is imported
         ckpt = truncate_layers(resolve_checkpoint(model_name, checkpoint, random_weights, seed), num_layers)
-        if max_seq_len is not None and kv_cache != "static":
-            raise ExportError("--max-seq-len sizes the static cache: pass it with --kv-cache static")
-        if smoothquant and not int8:
-            raise ExportError("--smoothquant is a form of int8: pass it together with --int8")
         status = tensorrt_status() if target == "auto" or (target == "trt" and build) else None
         if target == "auto":
             target = "trt" if status.usable else "ort"
             click.echo(f"target auto → {target}: {status.reason}"
                        + ("" if status.usable else " (pass --target trt for a TensorRT-ready artifact anyway)"),
                        err=True)
-        dtype = dtype or ckpt.config.torch_dtype
+        options = ExportOptions.from_flags(
+            dtype=dtype or ckpt.config.torch_dtype, target=target, optimize=optimize, int8=int8, int4=int4,
+            smoothquant=smoothquant, kv_cache=kv_cache, max_seq_len=max_seq_len, smoothquant_alpha=smoothquant_alpha)
+        options.slots(ckpt.config.max_position_embeddings)  # --max-seq-len against the model's positions
+        dtype = options.dtype
         name = Path(model_name).name if model_name not in PRESET_NAMES else model_name
-        quant = "-w8a8" if smoothquant else "-int8" if int8 else "-int4" if int4 else ""
-        flavour = "-static" if kv_cache == "static" else ""
-        output = output or Path("out") / f"{name}-{dtype}{quant}{flavour}{'' if target == 'onnx' else '-' + target}"
+        output = output or Path("out") / options.output_name(name)
         tokenizer = find_tokenizer(model_name, checkpoint, tokenizer_path)
         if tokenizer is None:
             click.echo("note: no tokenizer.model found; the artifact will have none (pass --tokenizer PATH)", err=True)
         c = ckpt.config
         if tokenizer is not None:
             check_vocabulary(tokenizer, c)
-        max_seq = (max_seq_len or c.max_position_embeddings) if kv_cache == "static" else None
         from graphs import pipeline  # the heavy imports (torch, onnx, the graph passes), once the input is known good
 
         from . import calibration as calibration_text
@@ -139,28 +138,26 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
         from .verify import verify_artifact
 
         smooth = None
-        if smoothquant:
+        if options.quantization == "w8a8":
             text = calibration or calibration_text.DEFAULT_TEXT
             length = min(512, c.max_position_embeddings)
             smooth = pipeline.SmoothQuant(calibration_text.sequences(tokenizer, text, calibration_tokens, length),
-                                          smoothquant_alpha, log=lambda msg: click.echo(msg, err=True))
+                                          log=lambda msg: click.echo(msg, err=True))
             click.echo(f"SmoothQuant calibrates on {calibration_tokens} tokens of {text}", err=True)
         click.echo(f"{ckpt.source}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads "
                    f"{c.num_attention_heads}/{c.num_key_value_heads}, {c.num_parameters() / 1e9:.3f} B parameters",
                    err=True)
 
-        def check(directory: Path, manifest: dict) -> dict:
+        def check(directory: Path, manifest: Manifest) -> dict:
             click.echo("verifying in ONNX Runtime against the reference model", err=True)
             return verify_artifact(directory, manifest, ckpt, dtype, forced=bool(verify))
 
         manifest = build_artifact(
-            ckpt, output, dtype, force=force, tokenizer=tokenizer, verify=None if verify is False else check,
+            ckpt, output, options, force=force, tokenizer=tokenizer, verify=None if verify is False else check,
             describe={"name": model_name, "source": ckpt.source, "random_weights": random_weights,
                       "num_layers_kept": c.num_hidden_layers},
-            log=lambda msg: click.echo(msg, err=True), progress=_progress, target=target, optimize=optimize, int8=int8,
-            smoothquant=smooth, max_seq=max_seq, int4=int4,
-        )
-        result = manifest["verification"]
+            log=lambda msg: click.echo(msg, err=True), progress=_progress, smoothquant=smooth)
+        result = manifest.verification
         if "skipped" in result:
             click.echo(f"verification skipped: {result['skipped']}")
         else:
@@ -179,11 +176,11 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
                 click.echo(f"TensorRT engine not built: {status.reason}. {output} is ready for TensorRT; on a machine "
                            f"with TensorRT 11 and an NVIDIA GPU, finish with:\n  {build_command(output)}", err=True)
                 sys.exit(EXIT_NO_TENSORRT)
-            lim = Limits(**manifest["tensorrt"]["limits"])  # the defaults the export recorded
-            manifest = build_engine(output, manifest, lim, timing_cache=output / "timing.cache",
+            manifest = build_engine(output, manifest, manifest.tensorrt.limits,  # the defaults the export recorded
+                                    timing_cache=output / "timing.cache",
                                     log=lambda msg: click.echo(msg, err=True))
             click.echo(describe(output, manifest))
-    except ExportError as err:
+    except (ExportError, OptionsError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except Interrupted as err:

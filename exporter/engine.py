@@ -7,8 +7,8 @@ temporary file and renamed into place, so an interrupted build leaves the previo
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import json
 import os
 import tempfile
 import time
@@ -17,11 +17,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from runtime.artifact import manifest_bytes, sha256
+from runtime.artifact_format import (BuildLimits, EngineRecord, FileRecord, GraphRecord, Manifest, TensorRTRecord,
+                                     manifest_bytes, parse_manifest, sha256)
 
 from . import fused_attention
 from .errors import ExportError
-from .trt_profiles import Limits, SHAPE_TENSORS, profiles, to_polygraphy
+from .trt_profiles import SHAPE_TENSORS, profiles, to_polygraphy
 
 ENGINE_FILE = "model.plan"
 EXIT_NO_TENSORRT = 3  # the status of a command that needs TensorRT and a GPU where either is missing
@@ -56,9 +57,9 @@ def build_command(directory: Path) -> str:
     return f"llama-build {directory}"
 
 
-def trt_section(directory: Path, graph: dict, lim: Limits) -> dict:
+def trt_section(directory: Path, graph: GraphRecord, lim: BuildLimits) -> TensorRTRecord:
     """The manifest's `tensorrt` section of a trt-ready artifact: the profiles a default build uses."""
-    return {"limits": lim.as_dict(), "profiles": profiles(graph, lim), "build_command": build_command(directory)}
+    return TensorRTRecord(lim, profiles(graph, lim), build_command(directory))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -75,26 +76,26 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def record_engine(directory: Path, manifest: dict, engine: bytes, info: dict) -> dict:
+def record_engine(directory: Path, manifest: Manifest, engine: bytes, info: dict) -> Manifest:
     """Write `engine` as DIR/model.plan and the manifest that lists it (file size, sha256, `info`), each
     atomically; returns the new manifest."""
     path = directory / ENGINE_FILE
     _atomic_write(path, engine)
     digest = sha256(path)
-    manifest = json.loads(json.dumps(manifest))
-    manifest["files"][ENGINE_FILE] = {"bytes": len(engine), "sha256": digest}
-    manifest.setdefault("tensorrt", {})["engine"] = {"file": ENGINE_FILE, "bytes": len(engine), "sha256": digest,
-                                                     **info}
+    record = EngineRecord(file=ENGINE_FILE, bytes=len(engine), sha256=digest, **info)
+    section = manifest.tensorrt or TensorRTRecord(record.limits, record.profiles, build_command(directory))
+    manifest = manifest.replace(files={**manifest.files, ENGINE_FILE: FileRecord(len(engine), digest)},
+                                tensorrt=dataclasses.replace(section, engine=record))
     sealed = manifest_bytes(manifest)
     _atomic_write(directory / "manifest.json", sealed)
-    return json.loads(sealed)
+    return parse_manifest(sealed, directory / "manifest.json")
 
 
-def describe(directory: Path, manifest: dict) -> str:
+def describe(directory: Path, manifest: Manifest) -> str:
     """One line on the engine a manifest records."""
-    record = manifest["tensorrt"]["engine"]
-    return (f"wrote {directory / record['file']} ({record['bytes'] / 1e6:.1f} MB, TensorRT "
-            f"{record['tensorrt_version']}, {record['gpu']['name']}) in {record['build_seconds']} s")
+    record = manifest.tensorrt.engine
+    return (f"wrote {directory / record.file} ({record.bytes / 1e6:.1f} MB, TensorRT {record.tensorrt_version}, "
+            f"{record.gpu['name']}) in {record.build_seconds} s")
 
 
 def _gpu() -> dict:
@@ -104,9 +105,9 @@ def _gpu() -> dict:
     return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
 
 
-def build_engine(directory: Path, manifest: dict, lim: Limits, *, timing_cache: Path, opt_level: int | None = None,
-                 hardware_compatible: bool = False, weight_streaming: bool = False,
-                 log: Callable[[str], None] = print) -> dict:
+def build_engine(directory: Path, manifest: Manifest, lim: BuildLimits, *, timing_cache: Path,
+                 opt_level: int | None = None, hardware_compatible: bool = False, weight_streaming: bool = False,
+                 log: Callable[[str], None] = print) -> Manifest:
     """Build the engine of the artifact at `directory` (TensorRT and a GPU must be usable); returns the
     manifest that records it."""
     status = tensorrt_status()
@@ -116,16 +117,14 @@ def build_engine(directory: Path, manifest: dict, lim: Limits, *, timing_cache: 
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network, network_from_onnx_path
 
-    graph = manifest["graph"]
+    graph = manifest.graph
     plan = profiles(graph, lim)
     started = time.perf_counter()
-    log(f"parsing {directory / graph['file']} into a strongly typed TensorRT {status.version} network")
-    network = network_from_onnx_path(str(directory / graph["file"]), strongly_typed=True)
-    model_config = manifest["model"]["config"]
-    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // model_config["num_attention_heads"]
+    log(f"parsing {directory / graph.file} into a strongly typed TensorRT {status.version} network")
+    network = network_from_onnx_path(str(directory / graph.file), strongly_typed=True)
     gpu = _gpu()
     capability = tuple(int(x) for x in gpu["compute_capability"].split("."))
-    unfused = fused_attention.uncovered(manifest["dtype"], head_dim, capability)
+    unfused = fused_attention.uncovered(manifest.dtype, manifest.model.head_dim, capability)
     if unfused:
         marked = fused_attention.make_decomposable(network[1], trt)
         if not marked:
@@ -150,7 +149,7 @@ def build_engine(directory: Path, manifest: dict, lim: Limits, *, timing_cache: 
         "tensorrt_version": status.version, "gpu": gpu, "hardware_compatible": hardware_compatible,
         "attention": {"fused": unfused is None, **({"why_not": unfused} if unfused else {})},
         "weight_streaming": weight_streaming, "builder_optimization_level": opt_level,
-        "limits": lim.as_dict(), "profiles": plan, "shape_tensors": sorted(shape_tensors),
+        "limits": lim, "profiles": plan, "shape_tensors": sorted(shape_tensors),
         "timing_cache": str(timing_cache), "build_seconds": round(seconds, 1),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "polygraphy_version": metadata.version("polygraphy"),

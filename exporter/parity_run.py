@@ -60,14 +60,14 @@ PPL_TOKENS = 512
 def reference_checkpoint(artifact: Artifact, reference: Path | None = None, model: str | None = None) -> Checkpoint:
     """--reference, --model, else the checkpoint the manifest names; cut to the artifact's layers; its config
     must be the artifact's (ExportError naming the first field that differs, with both values)."""
-    described = artifact.manifest.get("model", {})
+    described = artifact.manifest.model
     if reference is not None:
         ckpt = open_checkpoint(reference)
     elif model is not None:
         ckpt = resolve_checkpoint(model)
     else:
-        name, source = str(described.get("name", "")), str(described.get("source", ""))
-        if described.get("random_weights"):
+        name, source = described.name or "", described.source or ""
+        if described.random_weights:
             seed = re.search(r"seed (\d+)", source)
             config = preset_config(name) if name in PRESET_NAMES else \
                 LlamaConfig.from_hf_dict(artifact.config, str(artifact.directory / "manifest.json"))
@@ -80,7 +80,7 @@ def reference_checkpoint(artifact: Artifact, reference: Path | None = None, mode
             raise ExportError(f"{artifact.directory}: the manifest names the checkpoint {source or name!r}, which "
                               f"is not here; pass --reference CHECKPOINT or --model NAME")
     kept = artifact.config.get("num_hidden_layers")
-    if isinstance(kept, int) and ckpt.config.num_hidden_layers > kept and described.get("num_layers_kept") == kept:
+    if isinstance(kept, int) and ckpt.config.num_hidden_layers > kept and described.num_layers_kept == kept:
         ckpt = truncate_layers(ckpt, kept)
     ours, theirs = ckpt.config.to_hf_dict(), artifact.config
     for key in CONFIG_FIELDS:
@@ -95,8 +95,8 @@ def reference_checkpoint(artifact: Artifact, reference: Path | None = None, mode
 
 
 def is_chat(artifact: Artifact) -> bool:
-    described = artifact.manifest.get("model", {})
-    return "chat" in f"{described.get('name', '')} {Path(str(described.get('source', ''))).name}".lower()
+    described = artifact.manifest.model
+    return "chat" in f"{described.name or ''} {Path(described.source or '').name}".lower()
 
 
 def default_prompts(artifact: Artifact, tokenizer: LlamaTokenizer) -> list[list[int]]:
@@ -355,7 +355,7 @@ def run(request: Request) -> dict:
     if request.threads:
         torch.set_num_threads(request.threads)
     model = load_model(request.checkpoint, "float32")
-    keys_by_slot = artifact.flavour == "static" and manifest["graph"].get("target") == "ort"
+    keys_by_slot = artifact.flavour == "static" and manifest.graph.target == "ort"
 
     ids, mask, pos = left_pad(request.prompts)
     batch = len(request.prompts)
@@ -395,7 +395,7 @@ def run(request: Request) -> dict:
         pos = pos[:, -1:] + 1
 
     report = {"artifact": str(artifact.directory), "precision": precision, "dtype": artifact.dtype,
-              "weights": manifest["graph"].get("weights"), "target": manifest["graph"].get("target"),
+              "weights": manifest.graph.weights, "target": manifest.graph.target,
               "flavour": artifact.flavour, "backend": request.backend,
               "reference": f"{request.checkpoint.source}, PyTorch float32",
               "prompt_tokens": [len(p) for p in request.prompts], "steps": steps,

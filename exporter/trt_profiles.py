@@ -13,23 +13,13 @@ sequence 1…max-input with opt 1 (decode steps dominate).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from runtime.artifact_format import BuildLimits, GraphRecord
 
 from .errors import ExportError
 
 DEFAULT_MAX_BATCH = 4
 DEFAULT_MAX_INPUT = 1024
 SHAPE_TENSORS = ("logits_to_keep",)  # read on the host by TensorRT: it sets the logits' shape
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_batch: int
-    max_input_len: int
-    max_seq_len: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _whole(flag: str, value) -> int | None:
@@ -40,7 +30,7 @@ def _whole(flag: str, value) -> int | None:
     return value
 
 
-def limits(graph: dict, config: dict, max_batch=None, max_input_len=None, max_seq_len=None) -> Limits:
+def limits(graph: GraphRecord, config: dict, max_batch=None, max_input_len=None, max_seq_len=None) -> BuildLimits:
     """The build limits for an artifact's `graph` manifest section, defaults filled in, checked."""
     max_batch, max_input_len, max_seq_len = (_whole(f, v) for f, v in (
         ("--max-batch", max_batch), ("--max-input-len", max_input_len), ("--max-seq-len", max_seq_len)))
@@ -48,8 +38,8 @@ def limits(graph: dict, config: dict, max_batch=None, max_input_len=None, max_se
     batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     if batch < 1:
         raise ExportError(f"--max-batch {batch}: an engine serves at least one sequence; use 1 or more")
-    if graph.get("flavour", "portable") == "static":
-        slots = int(graph["max_sequence_length"])
+    if graph.flavour == "static":
+        slots = graph.max_sequence_length
         if max_seq_len is not None and max_seq_len != slots:
             raise ExportError(f"--max-seq-len {max_seq_len}: this static-cache graph has {slots} cache slots, fixed "
                               f"at export; leave --max-seq-len out, or re-export with --kv-cache static "
@@ -69,14 +59,14 @@ def limits(graph: dict, config: dict, max_batch=None, max_input_len=None, max_se
     if max_input >= seq:
         raise ExportError(f"--max-input-len {max_input} must be below --max-seq-len {seq}, which counts the prompt "
                           f"and the generated tokens; lower --max-input-len to {seq - 1} or raise --max-seq-len")
-    return Limits(batch, max_input, seq)
+    return BuildLimits(batch, max_input, seq)
 
 
 def _half(n: int) -> int:
     return max(1, (n + 1) // 2)
 
 
-def dimension_ranges(flavour: str, lim: Limits) -> list[tuple[str, dict[str, list[int]], list[int]]]:
+def dimension_ranges(flavour: str, lim: BuildLimits) -> list[tuple[str, dict[str, list[int]], list[int]]]:
     """(profile name, {dimension symbol: [min, opt, max]}, logits_to_keep [min, opt, max]) per profile."""
     b = [1, lim.max_batch, lim.max_batch]
     if flavour == "static":
@@ -91,13 +81,13 @@ def dimension_ranges(flavour: str, lim: Limits) -> list[tuple[str, dict[str, lis
     ]
 
 
-def profiles(graph: dict, lim: Limits) -> list[dict]:
+def profiles(graph: GraphRecord, lim: BuildLimits) -> list[dict]:
     """Each profile: its name, the dimension ranges, and every input's min/opt/max shape (for the shape
     tensor `logits_to_keep`: its min/opt/max value), from the graph's I/O contract."""
     out = []
-    for name, dims, keep in dimension_ranges(graph.get("flavour", "portable"), lim):
+    for name, dims, keep in dimension_ranges(graph.flavour, lim):
         shapes = {}
-        for spec in graph["io"]["inputs"]:
+        for spec in graph.io["inputs"]:
             if spec["name"] in SHAPE_TENSORS:
                 continue
             unknown = [d for d in spec["shape"] if isinstance(d, str) and d not in dims]

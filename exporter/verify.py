@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import Artifact
+from runtime.artifact_format import Manifest
 from runtime.backends import NUMPY_DTYPES
 
 from .checkpoint import Checkpoint
@@ -47,7 +48,7 @@ def too_large(ckpt: Checkpoint, dtype: str, forced: bool = False) -> str | None:
     return None
 
 
-def verify_artifact(directory: Path, manifest: dict, ckpt: Checkpoint, dtype: str, prompt_len: int = 8,
+def verify_artifact(directory: Path, manifest: Manifest, ckpt: Checkpoint, dtype: str, prompt_len: int = 8,
                     forced: bool = False, steps: int = 2) -> dict:
     """`llama-parity`'s per-step check, small: a prefill and `steps` teacher-forced decode steps through the
     runtime's backend for the graph's flavour, against the float32 reference, judged by the thresholds of the

@@ -32,11 +32,11 @@ import onnx_ir as ir
 from onnxscript import optimizer
 
 from . import calibrate, trt_check
+from .options import ExportOptions
 from .rules import (ort_gqa, ort_rotary, packed_matmul, pointwise_conv, precision, rms_norm, rotary, skip_rms_norm,
                     smooth_quant, static_cache, weight_int8)
 from .rules._tensors import release
 
-TARGETS = ("onnx", "ort", "trt")
 ALIGN = 4096  # page-aligned external data, so that runtimes can memory-map it
 
 
@@ -46,9 +46,9 @@ class PassError(Exception):
 
 @dataclass
 class SmoothQuant:
-    """W8A8 settings: calibration token sequences (int64 [1, T] each) and the migration strength α."""
+    """W8A8 calibration: the token sequences (int64 [1, T] each) run through the graph in ONNX Runtime (the
+    migration strength α is `ExportOptions.smoothquant_alpha`)."""
     sequences: Sequence[np.ndarray]
-    alpha: float = 0.5
     scratch: Path | None = None  # where the calibration copy of the graph goes (default: next to dst)
     threads: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None)
@@ -74,13 +74,14 @@ def _cleanup(model: ir.Model) -> int:
     return before - len(model.graph)
 
 
-def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_seq: int | None = None,
-           max_positions: int | None = None, int4: bool = False) -> list[tuple[str, Callable[[ir.Model], int], str]]:
-    """(name, function returning how many places it changed, what the count means) in order. `max_seq`
-    selects the static KV cache of that many slots (else the portable, growing cache); `max_positions`
-    sizes the ort target's constant rope caches."""
-    if target not in TARGETS:
-        raise PassError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+def passes(options: ExportOptions, max_positions: int, smoothquant: SmoothQuant | None = None
+           ) -> list[tuple[str, Callable[[ir.Model], int], str]]:
+    """(name, function returning how many places it changed, what the count means) in order, for `options` on a
+    model of `max_positions` positions (they size the static cache by default and the ort target's constant rope
+    caches). W8A8 calibrates on `smoothquant`'s sequences."""
+    target, max_seq = options.target, options.slots(max_positions)
+    if options.quantization == "w8a8" and smoothquant is None:
+        raise PassError("SmoothQuant W8A8 calibrates the activations: give the calibration sequences")
     steps = [
         ("constant folding, shape simplification, dead-node removal", _cleanup, "nodes removed"),
         ("RMSNormalization", rms_norm.apply, "fused"),
@@ -89,31 +90,28 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
     ]
     if target == "ort":
         steps.append(("SkipSimplifiedLayerNormalization (com.microsoft)", skip_rms_norm.apply, "fused"))
-        if max_positions:
-            steps.append((f"RotaryEmbedding (com.microsoft, {max_positions}-position caches)",
-                          lambda m: ort_rotary.apply(m, max_positions), "converted"))
-    if smoothquant is not None:
-        sq = smoothquant
+        steps.append((f"RotaryEmbedding (com.microsoft, {max_positions}-position caches)",
+                      lambda m: ort_rotary.apply(m, max_positions), "converted"))
+    if options.quantization == "w8a8":
+        sq, alpha = smoothquant, options.smoothquant_alpha
 
         def smooth(model: ir.Model) -> int:
             return smooth_quant.apply(model, lambda m, values: calibrate.channel_peaks(
-                m, values, sq.sequences, sq.scratch, sq.threads, sq.log), sq.alpha)
+                m, values, sq.sequences, sq.scratch, sq.threads, sq.log), alpha)
         tokens = sum(ids.shape[-1] for ids in sq.sequences)
-        steps.append((f"SmoothQuant W8A8 (alpha {sq.alpha}, {tokens} calibration tokens)", smooth,
+        steps.append((f"SmoothQuant W8A8 (alpha {alpha}, {tokens} calibration tokens)", smooth,
                       "MatMuls quantized"))
-    elif int4:
-        if target != "ort":
-            raise PassError(f"int4 weights are ONNX Runtime's MatMulNBits: use target ort (target {target} takes int8)")
+    elif options.quantization == "int4":
         steps.append(("int4 weight-only (MatMulNBits bits=4, blocks of 32)",
                       lambda m: weight_int8.apply(m, "matmulnbits", bits=4), "weights quantized"))
-    elif int8:
+    elif options.quantization == "int8":
         form = "matmulnbits" if target == "ort" else "qdq"
         steps.append((f"int8 weight-only ({weight_int8.OPS[form]})",
                       lambda m: weight_int8.apply(m, form), "weights quantized"))
     if max_seq is not None:
         steps.append((f"static KV cache (TensorScatter, {max_seq} slots)",
                       lambda m: static_cache.apply(m, max_seq), "caches made static"))
-    if target == "ort" and max_positions:
+    if target == "ort":
         sharing = (", past and present share one buffer; packed qkv rotated in the kernel, keys cached rotated by "
                    "slot, where head_dim is a multiple of 16") if max_seq is not None else ""
         steps.append((f"GroupQueryAttention (com.microsoft{sharing})", ort_gqa.apply, "layers fused"))
@@ -124,16 +122,15 @@ def passes(target: str, int8: bool, smoothquant: SmoothQuant | None = None, max_
     return steps
 
 
-def run(src: Path, dst: Path, target: str, *, int8: bool = False, smoothquant: SmoothQuant | None = None,
-        max_seq: int | None = None, max_positions: int | None = None, log: Callable[[str], None] = lambda msg: None,
-        int4: bool = False) -> tuple[list[PassReport], dict[str, int]]:
+def run(src: Path, dst: Path, options: ExportOptions, max_positions: int, *, smoothquant: SmoothQuant | None = None,
+        log: Callable[[str], None] = lambda msg: None) -> tuple[list[PassReport], dict[str, int]]:
     """Rewrite `src` (with its external data) into `dst` + `dst.data-file`; returns the reports and op counts."""
     model = ir.load(str(src))
     dst.parent.mkdir(parents=True, exist_ok=True)
     if smoothquant is not None and smoothquant.scratch is None:
         smoothquant = dataclasses.replace(smoothquant, scratch=dst.parent)
     reports = []
-    for name, fn, unit in passes(target, int8, smoothquant, max_seq, max_positions, int4):
+    for name, fn, unit in passes(options, max_positions, smoothquant):
         started = time.perf_counter()
         changed = fn(model)
         reports.append(PassReport(name, changed, f"{changed} {unit}"))

@@ -27,43 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-SUPPORTED_FORMAT = 1
+from .artifact_format import ArtifactError, Manifest, parse_manifest, sha256
+
 LOUD_BYTES = 256 << 20  # files at least this large say that they are being hashed
-
-
-class ArtifactError(ValueError):
-    pass
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-SEAL = "manifest_sha256"
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    """manifest.json as written: its first field, `manifest_sha256`, is the sha256 of these very bytes with that
-    field's 64 hex digits as zeros, so any changed byte (a digit, a letter's case, a space) is seen. Every writer of
-    manifest.json writes it through this function."""
-    body = {k: v for k, v in manifest.items() if k != SEAL}
-    text = (json.dumps({SEAL: "0" * 64, **body}, indent=2) + "\n").encode()
-    return text.replace(b"0" * 64, hashlib.sha256(text).hexdigest().encode(), 1)
-
-
-def _check_seal(raw: bytes, manifest: dict, manifest_path: Path) -> None:
-    """The manifest's own digest (absent in artifacts written before it existed: nothing to check)."""
-    seal = manifest.get(SEAL)
-    if seal is None:
-        return
-    if not (isinstance(seal, str) and len(seal) == 64 and seal.encode() in raw
-            and hashlib.sha256(raw.replace(seal.encode(), b"0" * 64, 1)).hexdigest() == seal):
-        raise ArtifactError(f"{manifest_path}: its bytes do not match its manifest_sha256; the manifest was modified "
-                            f"or damaged — re-export the artifact")
 
 
 def cache_root() -> Path:
@@ -169,39 +135,38 @@ def _external_data_files(graph: Path) -> set[str]:
 @dataclass(frozen=True)
 class Artifact:
     directory: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def config(self) -> dict:
-        return self.manifest["model"]["config"]
+        """The model's Hugging Face config (config.json's fields)."""
+        return self.manifest.model.config
 
     @property
     def head_dim(self) -> int:
-        c = self.config
-        return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        return self.manifest.model.head_dim
 
     @property
     def dtype(self) -> str:
-        return self.manifest["dtype"]
+        return self.manifest.dtype
 
     @property
     def graph_path(self) -> Path:
-        return self.directory / self.manifest["graph"]["file"]
+        return self.directory / self.manifest.graph.file
 
     @property
     def tokenizer_path(self) -> Path | None:
         path = self.directory / "tokenizer.model"
-        return path if "tokenizer.model" in self.manifest["files"] else None
+        return path if "tokenizer.model" in self.manifest.files else None
 
     @property
     def flavour(self) -> str:
-        return self.manifest["graph"].get("flavour", "portable")
+        return self.manifest.graph.flavour
 
     @property
     def max_sequence_length(self) -> int | None:
         """The static cache's slots (None for a portable graph, whose cache grows)."""
-        value = self.manifest["graph"].get("max_sequence_length")
-        return int(value) if value is not None else None
+        return self.manifest.graph.max_sequence_length
 
     @property
     def max_length(self) -> int:
@@ -210,8 +175,9 @@ class Artifact:
 
     @classmethod
     def open(cls, directory: str | Path, log: Callable[[str], None] | None = None) -> "Artifact":
-        """Read the manifest and check the files it lists: each file's size, and its sha256 unless the record of
-        verified files (module docstring) knows it unchanged. `log` hears of each large file being hashed."""
+        """Read the manifest (`artifact_format`) and check the files it lists: each file's size, and its sha256
+        unless the record of verified files (module docstring) knows it unchanged. `log` hears of each large file
+        being hashed."""
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
         if not directory.is_dir():
@@ -222,32 +188,14 @@ class Artifact:
         if ".partial-" in directory.resolve().name:
             raise ArtifactError(f"{directory}: an unfinished export (llama-export builds in this hidden directory and "
                                 f"renames it when complete); run llama-export again, which removes it")
-        try:
-            raw = manifest_path.read_bytes()
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ArtifactError(f"{manifest_path}: not valid JSON ({err}); re-export the artifact") from None
-        if not isinstance(manifest, dict):
-            raise ArtifactError(f"{manifest_path}: expected a JSON object; re-export the artifact")
-        _check_seal(raw, manifest, manifest_path)
-        version = manifest.get("format_version")
-        if version != SUPPORTED_FORMAT:
-            raise ArtifactError(f"{manifest_path}: format_version {version!r} is not supported "
-                                f"(this runtime reads {SUPPORTED_FORMAT}); re-export with this llama-export")
-        files = manifest.get("files", {})
-        graph = manifest.get("graph")
-        if not isinstance(files, dict) or not isinstance(graph, dict) or not isinstance(manifest.get("model"), dict):
-            raise ArtifactError(f"{manifest_path}: no 'files', 'graph' or 'model' section; re-export the artifact")
-        for name, info in files.items():
+        raw = manifest_path.read_bytes()
+        manifest = parse_manifest(raw, manifest_path)
+        files, graph = manifest.files, manifest.graph
+        for name in files:
             _plain_name(name, manifest_path, "file")
-            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
-                    and isinstance(info.get("sha256"), str)):
-                raise ArtifactError(f"{manifest_path}: file {name!r} has no 'bytes' and 'sha256'; re-export the "
-                                    f"artifact")
-        engine = (manifest.get("tensorrt") or {}).get("engine") if isinstance(manifest.get("tensorrt"), dict) else None
-        read = {"graph file": graph.get("file"), "graph data": graph.get("data", graph.get("file"))}
-        if isinstance(engine, dict):
-            read["TensorRT engine"] = engine.get("file")
+        read = {"graph file": graph.file, "graph data": graph.data}
+        if manifest.tensorrt is not None and manifest.tensorrt.engine is not None:
+            read["TensorRT engine"] = manifest.tensorrt.engine.file
         for what, name in read.items():
             if _plain_name(name, manifest_path, what) not in files:
                 raise ArtifactError(f"{manifest_path}: the {what} {name!r} is not listed in 'files' with its "
@@ -262,21 +210,21 @@ class Artifact:
                                     f"directory — re-export the artifact (or copy it with its links resolved)")
             if not path.is_file():
                 raise ArtifactError(f"{path}: listed in the manifest but missing; re-export the artifact")
-            if path.stat().st_size != info["bytes"]:
-                raise ArtifactError(f"{path}: {path.stat().st_size} bytes, the manifest says {info['bytes']}; "
+            if path.stat().st_size != info.bytes:
+                raise ArtifactError(f"{path}: {path.stat().st_size} bytes, the manifest says {info.bytes}; "
                                     f"the file was changed or truncated — re-export the artifact")
             fingerprint = _fingerprint(path)  # before reading: a write during the hash changes it again
-            if verified.known(name, info["sha256"], fingerprint):
+            if verified.known(name, info.sha256, fingerprint):
                 continue
-            if log is not None and info["bytes"] >= LOUD_BYTES:
-                log(f"checking {path} ({info['bytes'] / 1e9:.1f} GB) against the manifest's sha256")
-            if sha256(path) != info["sha256"]:
+            if log is not None and info.bytes >= LOUD_BYTES:
+                log(f"checking {path} ({info.bytes / 1e9:.1f} GB) against the manifest's sha256")
+            if sha256(path) != info.sha256:
                 raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was modified — "
                                     f"re-export the artifact")
-            verified.add(name, info["sha256"], fingerprint)
-        outside = _external_data_files(directory / graph["file"]) - set(files)
+            verified.add(name, info.sha256, fingerprint)
+        outside = _external_data_files(directory / graph.file) - set(files)
         if outside:
-            raise ArtifactError(f"{directory / graph['file']}: reads weights from {sorted(outside)[0]!r}, which is "
+            raise ArtifactError(f"{directory / graph.file}: reads weights from {sorted(outside)[0]!r}, which is "
                                 f"not a file listed in the manifest; re-export the artifact")
         verified.save(set(files))
         return cls(directory, manifest)

@@ -184,7 +184,7 @@ def bytes_per_step(artifact: Artifact, batch: int, prompt_len: int, gen_len: int
     embedding table (a step gathers one row of it, unless it is tied to the output projection), and the cache."""
     c = artifact.config
     per_element = BYTES[artifact.dtype]
-    weights = artifact.manifest["export"]["weights_bytes"]
+    weights = artifact.manifest.export.weights_bytes
     if not c.get("tie_word_embeddings"):
         weights -= c["vocab_size"] * c["hidden_size"] * per_element
     mean_len = prompt_len + (gen_len + 1) / 2

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .artifact_format import Manifest
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "smoothquant")
 
 
@@ -61,16 +63,16 @@ THRESHOLDS: dict[str, Thresholds] = {  # each row's reasons and the figures meas
 }
 
 
-def precision_of(manifest: dict) -> str:
+def precision_of(manifest: Manifest) -> str:
     """The THRESHOLDS row for an artifact, from its manifest's weights label and dtype."""
-    weights = str(manifest.get("graph", {}).get("weights", ""))
+    weights = manifest.graph.weights
     if "SmoothQuant" in weights:
         return "smoothquant"
     if weights.startswith("int8"):
         return "int8"
     if weights.startswith("int4"):
         return "int4"
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest["dtype"]]
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest.dtype]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ import onnxruntime as ort
 import torch
 
 from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from runtime import parity
 from runtime.backends import ort_feed
@@ -23,7 +25,8 @@ GQA = small_config(num_attention_heads=8, num_key_value_heads=2, max_position_em
 
 def traced(directory: Path, config=GQA, dtype: str = "float32") -> Path:
     """The exported, unoptimized portable graph of a random-weight model."""
-    build_artifact(RandomCheckpoint(config, seed=3), directory, dtype, log=lambda msg: None)
+    build_artifact(RandomCheckpoint(config, seed=3), directory, ExportOptions(dtype, optimize=False),
+                   log=lambda msg: None)
     return directory / "model.onnx"
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 
 from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from runtime.artifact import Artifact
 from runtime.backends import open_backend
@@ -33,8 +35,8 @@ def export_tiny_static(directory: Path) -> Path:
     if reuse:
         return Path(reuse)
     out = directory / "tiny-static"
-    build_artifact(resolve_checkpoint("tiny"), out, "float32", tokenizer=TINY_DIR / "tokenizer.model",
-                   log=lambda m: None, optimize=True, max_seq=WINDOW)
+    build_artifact(resolve_checkpoint("tiny"), out, ExportOptions(kv_cache="static", max_seq_len=WINDOW),
+                   tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
     return out
 
 

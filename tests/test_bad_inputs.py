@@ -156,7 +156,7 @@ def _meta_without_shards(case: Path) -> None:
 def _manifest(change: Callable[[dict], None]) -> Callable[[Path], None]:
     """Change the artifact's manifest as someone who rewrites it whole would: sealed again (manifest_bytes)."""
     def make(case: Path) -> None:
-        from runtime.artifact import manifest_bytes
+        from runtime.artifact_format import manifest_bytes
 
         file = case / "copy" / "manifest.json"
         manifest = json.loads(file.read_text())
@@ -377,7 +377,7 @@ CASES: list[Case] = [
     Case("artifact-manifest-binary", "llama-generate", "a manifest that is not text", ("{copy}", "--prompt", "x"),
          "manifest.json: not valid JSON", make=_write("copy/manifest.json", b"\xff\xfe\x00{")),
     Case("artifact-files-entry", "llama-generate", "a manifest file entry without its sha256",
-         ("{copy}", "--prompt", "x"), "file 'config.json' has no 'bytes' and 'sha256'",
+         ("{copy}", "--prompt", "x"), "'files.config.json.sha256' is missing",
          make=_manifest(lambda m: m["files"]["config.json"].pop("sha256"))),
     Case("artifact-manifest-edited", "llama-generate", "a manifest edited by hand (one digit of a size changed)",
          ("{copy}", "--prompt", "x"), "manifest.json: its bytes do not match its manifest_sha256",
@@ -528,6 +528,8 @@ def shared(tmp_path_factory):
     from conftest import write_safetensors_checkpoint
 
     from exporter.artifact import build_artifact
+
+    from graphs.options import ExportOptions
     from exporter.checkpoint import RandomCheckpoint, truncate_layers
     from exporter.presets import resolve_checkpoint
 
@@ -535,8 +537,8 @@ def shared(tmp_path_factory):
     config = small_config()
     ckpt = RandomCheckpoint(config, seed=3)
     write_safetensors_checkpoint(root / "ckpt", config, {n: ckpt.load(n) for n in ckpt.names()})
-    build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), root / "art", "float32",
-                   tokenizer=TINY / "tokenizer.model", log=lambda m: None, target="trt", optimize=True)
+    build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), root / "art", ExportOptions(target="trt"),
+                   tokenizer=TINY / "tokenizer.model", log=lambda m: None)
     return root
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from runtime.artifact import Artifact
@@ -36,8 +38,8 @@ def artifacts(tmp_path_factory):
         if (case, target) not in made:
             ckpt = resolve_checkpoint("tiny") if case == "tiny" else RandomCheckpoint(GQA, seed=9)
             out = tmp_path_factory.mktemp(f"{case}-{target}") / "artifact"
-            build_artifact(ckpt, out, "float32", tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None,
-                           optimize=True, max_seq=WINDOW, **({"target": "ort"} if target == "ort" else {}))
+            options = ExportOptions(target="ort" if target == "ort" else "onnx", kv_cache="static", max_seq_len=WINDOW)
+            build_artifact(ckpt, out, options, tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
             artifact = Artifact.open(out)
             made[case, target] = (artifact, open_backend(artifact))
         return made[case, target]
@@ -267,8 +269,8 @@ def test_close_cancels_queued_and_running_requests(artifacts, tokenizer):
 
 def test_open_refuses_a_portable_artifact(tmp_path):
     out = tmp_path / "portable"
-    build_artifact(RandomCheckpoint(GQA, seed=9), out, "float32", tokenizer=TINY_DIR / "tokenizer.model",
-                   log=lambda m: None)
+    build_artifact(RandomCheckpoint(GQA, seed=9), out, ExportOptions(optimize=False),
+                   tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
     with pytest.raises(ValueError, match=r"a portable \(growing-cache\) artifact; the in-flight batcher serves "
                                          r"static-cache ones: re-export with `llama-export .* --kv-cache static"):
         InflightBatcher.open(out)
@@ -284,9 +286,10 @@ def test_trt_static_engine_serves_the_same_interface(tmp_path, tokenizer):
     if not here.usable:
         pytest.skip(f"needs TensorRT 11 and a CUDA GPU: {here.reason}")
     out = tmp_path / "trt"
-    manifest = build_artifact(RandomCheckpoint(GQA, seed=9), out, "float32", tokenizer=TINY_DIR / "tokenizer.model",
-                              log=lambda m: None, target="trt", optimize=True, max_seq=WINDOW)
-    build_engine(out, manifest, limits(manifest["graph"], manifest["model"]["config"], max_batch=4, max_input_len=64,
+    options = ExportOptions(target="trt", kv_cache="static", max_seq_len=WINDOW)
+    manifest = build_artifact(RandomCheckpoint(GQA, seed=9), out, options, tokenizer=TINY_DIR / "tokenizer.model",
+                              log=lambda m: None)
+    build_engine(out, manifest, limits(manifest.graph, manifest.model.config, max_batch=4, max_input_len=64,
                                        max_seq_len=None), timing_cache=tmp_path / "timing.cache", log=lambda m: None)
     backend = open_backend(Artifact.open(out), "trt")
     work = requests(6, seed=3)

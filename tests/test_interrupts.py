@@ -110,12 +110,13 @@ def test_export_interrupted_in_every_phase(tmp_path):
 @pytest.fixture(scope="module")
 def trt_ready(tmp_path_factory):
     from exporter.artifact import build_artifact
+    from graphs.options import ExportOptions
     from exporter.checkpoint import truncate_layers
     from exporter.presets import TINY_DIR, resolve_checkpoint
 
     out = tmp_path_factory.mktemp("trt") / "art"
-    build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), out, "float32",
-                   tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None, target="trt", optimize=True)
+    build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), out, ExportOptions(target="trt"),
+                   tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
     return out
 
 
@@ -155,7 +156,7 @@ def test_two_exports_to_one_directory(tmp_path):
     first.send_signal(signal.SIGUSR1)  # the hook's resume
     code, stderr = finish(first, earlier)
     assert code == 0, stderr
-    assert "max_abs_logit_diff" in Artifact.open(out).manifest["verification"]  # the first's (verified)
+    assert "max_abs_logit_diff" in Artifact.open(out).manifest.verification  # the first's (verified)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     race = tmp_path / "race"
@@ -167,5 +168,5 @@ def test_two_exports_to_one_directory(tmp_path):
     assert loser_code == 2 and "Traceback" not in loser_err, loser_err
     assert "is writing" in loser_err or "already exists; pass --force" in loser_err, loser_err
     artifact = Artifact.open(race)  # every file matches the one manifest: the winner's alone
-    assert ("skipped" in artifact.manifest["verification"]) == (winners[0] == "--no-verify")
+    assert ("skipped" in artifact.manifest.verification) == (winners[0] == "--no-verify")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "race"]

@@ -10,7 +10,10 @@ import onnx
 import pytest
 import torch
 
-from exporter.artifact import build_artifact, sha256
+from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
+from runtime.artifact_format import sha256
 from exporter.checkpoint import RandomCheckpoint, truncate_layers
 from exporter.loading import load_model
 from exporter.onnx_export import io_contract
@@ -38,7 +41,7 @@ def exported(tmp_path_factory):
             config = CONFIGS[case]
             ckpt = RandomCheckpoint(config, seed=4)
             out = tmp_path_factory.mktemp(case) / "artifact"
-            manifest = build_artifact(ckpt, out, "float32", log=lambda m: None)
+            manifest = build_artifact(ckpt, out, ExportOptions(optimize=False), log=lambda m: None)
             cache[case] = (out, manifest, ckpt)
         return cache[case]
     return get
@@ -74,7 +77,7 @@ def test_graph_passes_full_check_and_carries_the_io_contract(exported):
             assert tensor_type.elem_type == ONNX_TYPES[spec["dtype"]], value.name
             dims = [d.dim_param or d.dim_value for d in tensor_type.shape.dim]
             assert dims == spec["shape"], value.name
-    assert manifest["graph"]["io"] == json.loads(json.dumps(contract))
+    assert manifest.graph.io == json.loads(json.dumps(contract))
     # every weight is external, in model.onnx.data
     assert graph.initializer and all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
     assert {e.value for t in graph.initializer for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
@@ -87,7 +90,7 @@ def test_graph_passes_full_check_and_carries_the_io_contract(exported):
 def test_manifest(exported):
     out, manifest, ckpt = exported("mha")
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk == json.loads(json.dumps(manifest))
+    assert {"manifest_sha256": manifest.manifest_sha256, **manifest.as_dict()} == on_disk  # as returned
     assert on_disk["format_version"] == 1 and on_disk["dtype"] == "float32" and on_disk["graph"]["opset"] >= 23
     assert set(on_disk["files"]) == {"model.onnx", "model.onnx.data", "config.json"}
     for name, info in on_disk["files"].items():
@@ -104,7 +107,7 @@ def test_manifest(exported):
 @pytest.fixture(scope="module")
 def tiny_fp16(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny16") / "artifact"
-    build_artifact(resolve_checkpoint("tiny"), out, "float16", log=lambda m: None)
+    build_artifact(resolve_checkpoint("tiny"), out, ExportOptions("float16", optimize=False), log=lambda m: None)
     return out
 
 
@@ -133,7 +136,7 @@ def test_fp16_hidden_state_blow_up_stays_finite(tmp_path):
     config = small_config(num_attention_heads=8, num_key_value_heads=2)
     ckpt = BlowUp(config, seed=1)
     out = tmp_path / "blow"
-    build_artifact(ckpt, out, "float16", log=lambda m: None)
+    build_artifact(ckpt, out, ExportOptions("float16", optimize=False), log=lambda m: None)
     hidden = ckpt.load("model.embed_tokens.weight").abs().max().item()
     assert hidden > 256
     for ours, ref, real, _, _ in run_steps(session(out), load_model(ckpt), config, np.float16, 0, decode_steps=2):
@@ -164,7 +167,7 @@ def test_num_layers_keeps_the_first_layers(tmp_path):
     config = small_config(num_hidden_layers=3)
     ckpt = truncate_layers(RandomCheckpoint(config, seed=2), 1)
     out = tmp_path / "one"
-    build_artifact(ckpt, out, "float32", log=lambda m: None)
+    build_artifact(ckpt, out, ExportOptions(optimize=False), log=lambda m: None)
     names = [i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input]
     assert "past_key_values.0.key" in names and "past_key_values.1.key" not in names
     for ours, ref, real, _, _ in run_steps(session(out), load_model(ckpt), ckpt.config, np.float32, 0, 1):

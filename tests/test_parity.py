@@ -15,7 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from exporter import calibration
-from exporter.artifact import build_artifact, sha256
+from exporter.artifact import build_artifact
+from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.parity_cli import main
 from exporter.parity_run import (bisect_first, default_prompts, graph_copy, graph_feed, ort_layer_outputs,
@@ -23,14 +24,15 @@ from exporter.parity_run import (bisect_first, default_prompts, graph_copy, grap
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from graphs import pipeline
 from runtime import parity
-from runtime.artifact import Artifact, manifest_bytes
+from runtime.artifact import Artifact
+from runtime.artifact_format import manifest_bytes, read_manifest, sha256
 from runtime.generate import left_pad
 from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 
-KINDS = {"fp32": dict(dtype="float32"), "fp16": dict(dtype="float16"), "int8": dict(dtype="float32", int8=True),
-         "int4": dict(dtype="float32", int4=True), "smoothquant": dict(dtype="float32", int8=True, smooth=True),
-         "fp32-static": dict(dtype="float32", max_seq=128)}
+KINDS = {"fp32": {}, "fp16": dict(dtype="float16"), "int8": dict(quantization="int8"),
+         "int4": dict(quantization="int4"), "smoothquant": dict(quantization="w8a8"),
+         "fp32-static": dict(kv_cache="static", max_seq_len=128)}
 CASES = [(target, kind) for target in ("onnx", "ort") for kind in KINDS
          if not (kind == "int4" and target == "onnx") and not (kind == "fp32-static" and target == "onnx")]
 
@@ -42,14 +44,13 @@ def tiny(tmp_path_factory):
 
     def get(target: str, kind: str) -> Path:
         if (target, kind) not in made:
-            options = dict(KINDS[kind])
-            dtype, smooth = options.pop("dtype"), options.pop("smooth", False)
-            sq = pipeline.SmoothQuant(calibration.sequences(tokenizer, calibration.DEFAULT_TEXT, 2048, 512), 0.5,
-                                      log=lambda m: None) if smooth else None
+            options = ExportOptions(target=target, **KINDS[kind])
+            sq = pipeline.SmoothQuant(calibration.sequences(tokenizer, calibration.DEFAULT_TEXT, 2048, 512),
+                                      log=lambda m: None) if kind == "smoothquant" else None
             out = tmp_path_factory.mktemp(f"tiny-{kind}-{target}") / "artifact"
-            build_artifact(ckpt, out, dtype, tokenizer=tokenizer, log=lambda m: None, target=target, optimize=True,
-                           smoothquant=sq, describe={"name": "tiny", "source": ckpt.source, "random_weights": False,
-                                                     "num_layers_kept": 4}, **options)
+            build_artifact(ckpt, out, options, tokenizer=tokenizer, log=lambda m: None, smoothquant=sq,
+                           describe={"name": "tiny", "source": ckpt.source, "random_weights": False,
+                                     "num_layers_kept": 4})
             made[target, kind] = out
         return made[target, kind]
     return get
@@ -240,6 +241,6 @@ def test_logit_figures_equal_torch():
 
 def test_precision_of_every_manifest_kind(tiny):
     for target, kind in CASES:
-        manifest = json.loads((tiny(target, kind) / "manifest.json").read_text())
+        manifest = read_manifest(tiny(target, kind))
         assert parity.precision_of(manifest) == kind.removesuffix("-static")
     assert set(parity.THRESHOLDS) == set(parity.PRECISIONS)

@@ -7,6 +7,8 @@ import onnx
 import pytest
 
 from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.loading import load_model
 from exporter.presets import resolve_checkpoint
@@ -25,8 +27,8 @@ def checkpoint(name: str):
 @pytest.mark.parametrize("target", ["trt", "ort"])
 def test_fused_graph_matches_reference(tmp_path, name, target):
     ckpt = checkpoint(name)
-    manifest = build_artifact(ckpt, tmp_path / "a", "float32", log=lambda m: None, target=target, optimize=True)
-    counts = manifest["graph"]["op_counts"]
+    manifest = build_artifact(ckpt, tmp_path / "a", ExportOptions(target=target), log=lambda m: None)
+    counts = manifest.graph.op_counts
     layers = ckpt.config.num_hidden_layers
     norms = counts["RMSNormalization"] + counts.get("SkipSimplifiedLayerNormalization", 0)
     assert norms == 2 * layers + 1 and counts["RotaryEmbedding"] == 2 * layers
@@ -52,14 +54,14 @@ def test_fused_graph_matches_reference(tmp_path, name, target):
     assert worst <= 1e-4
     problems = trt_check.check(onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False))
     if target == "trt":
-        assert problems == [] and manifest["export"]["passes"][-1] == {
+        assert problems == [] and manifest.export.passes[-1] == {
             "pass": "TensorRT-compatibility check", "changed": 0, "detail": "passed"}
 
 
 @pytest.mark.parametrize("target", ["trt", "ort"])
 def test_fused_fp16_tiny_top1_identical(tmp_path, target):
     ckpt = checkpoint("tiny")
-    build_artifact(ckpt, tmp_path / "a", "float16", log=lambda m: None, target=target, optimize=True)
+    build_artifact(ckpt, tmp_path / "a", ExportOptions("float16", target), log=lambda m: None)
     worst = 0.0
     steps = run_steps(session(tmp_path / "a"), load_model(ckpt), ckpt.config, np.float16, 1, decode_steps=16)
     for ours, ref, real, _, _ in steps:
@@ -75,11 +77,11 @@ def test_fused_fp16_tiny_top1_identical(tmp_path, target):
 
 
 def test_manifest_records_every_pass(tmp_path):
-    manifest = build_artifact(RandomCheckpoint(GQA), tmp_path / "a", "float32", log=lambda m: None,
-                              target="onnx", optimize=True)
-    passes = {p["pass"]: p for p in manifest["export"]["passes"]}
+    manifest = build_artifact(RandomCheckpoint(GQA), tmp_path / "a", ExportOptions(target="onnx"),
+                              log=lambda m: None)
+    passes = {p["pass"]: p for p in manifest.export.passes}
     assert passes["RMSNormalization"]["detail"] == f"{2 * GQA.num_hidden_layers + 1} fused"
     assert passes["RotaryEmbedding"]["detail"] == f"{2 * GQA.num_hidden_layers} fused"
     assert passes["packed projections (qkv, gate/up)"]["changed"] == 2 * GQA.num_hidden_layers
-    assert manifest["graph"]["target"] == "onnx" and manifest["graph"]["optimized"] is True
+    assert manifest.graph.target == "onnx" and manifest.graph.optimized is True
     onnx.checker.check_model(str(tmp_path / "a" / "model.onnx"), full_check=True)

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from exporter import calibration
 from exporter.artifact import build_artifact
+from graphs.options import ExportOptions
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from graphs import calibrate, pipeline, trt_check
 from graphs.rules import packed_matmul, rms_norm, rotary, smooth_quant
@@ -82,9 +83,9 @@ def test_smoothquant_tiny_perplexity_within_three_percent(tmp_path, heldout_ids)
     text = tmp_path / "calibration.txt"  # held-out text that does not overlap the evaluated first 20000 characters
     text.write_text((TINY_DIR / "heldout.txt").read_text()[100000:])
     sequences = calibration.sequences(TINY_DIR / "tokenizer.model", text, 2048, 512)
-    build_artifact(ckpt, tmp_path / "fp32", "float32", log=lambda m: None, target="trt", optimize=True)
-    manifest = build_artifact(ckpt, tmp_path / "w8a8", "float32", log=lambda m: None, target="trt", optimize=True,
-                              int8=True, smoothquant=pipeline.SmoothQuant(sequences))
+    build_artifact(ckpt, tmp_path / "fp32", ExportOptions(target="trt"), log=lambda m: None)
+    manifest = build_artifact(ckpt, tmp_path / "w8a8", ExportOptions(target="trt", quantization="w8a8"),
+                              log=lambda m: None, smoothquant=pipeline.SmoothQuant(sequences))
     base, base_top1 = perplexity(tmp_path / "fp32", heldout_ids)
     ppl, top1 = perplexity(tmp_path / "w8a8", heldout_ids)
     print(f"tiny held-out ({heldout_ids.shape[1]} tokens): fp32 ppl {base:.3f}, SmoothQuant W8A8 (alpha 0.5, 2048 "
@@ -92,8 +93,8 @@ def test_smoothquant_tiny_perplexity_within_three_percent(tmp_path, heldout_ids)
           f"{(top1 == base_top1).mean():.4f}")
     assert abs(ppl / base - 1) <= 0.03  # measured +0.08%
     assert (top1 == base_top1).mean() >= 0.88  # measured 0.915 of 1023 positions
-    assert manifest["graph"]["weights"] == "int8 SmoothQuant W8A8 (alpha 0.5)"
-    assert manifest["export"]["passes"][-1]["detail"] == "passed"  # the TensorRT check
+    assert manifest.graph.weights == "int8 SmoothQuant W8A8 (alpha 0.5)"
+    assert manifest.export.passes[-1]["detail"] == "passed"  # the TensorRT check
 
 
 def test_cli_smoothquant(tmp_path):

@@ -8,6 +8,8 @@ import onnx_ir as ir
 import pytest
 
 from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
 from exporter.presets import resolve_checkpoint
 from graphs import pipeline, trt_check
 from graphs.rules import weight_int8
@@ -58,8 +60,8 @@ def test_qdq_and_matmulnbits_forms_agree(tmp_path):
 @pytest.mark.parametrize("target", ["trt", "ort"])
 def test_int8_tiny_perplexity_within_one_percent(tmp_path, heldout_ids, target):
     ckpt = resolve_checkpoint("tiny")
-    build_artifact(ckpt, tmp_path / "fp32", "float32", log=lambda m: None, target=target, optimize=True)
-    build_artifact(ckpt, tmp_path / "int8", "float32", log=lambda m: None, target=target, optimize=True, int8=True)
+    build_artifact(ckpt, tmp_path / "fp32", ExportOptions(target=target), log=lambda m: None)
+    build_artifact(ckpt, tmp_path / "int8", ExportOptions(target=target, quantization="int8"), log=lambda m: None)
     base, base_top1 = perplexity(tmp_path / "fp32", heldout_ids)
     ppl, top1 = perplexity(tmp_path / "int8", heldout_ids)
     size = lambda d: (d / "model.onnx.data").stat().st_size  # noqa: E731
@@ -118,8 +120,8 @@ def test_int4_matmulnbits_computes_with_its_dequantized_weights(tmp_path):
 
 def test_int4_tiny_perplexity(tmp_path, heldout_ids):
     ckpt = resolve_checkpoint("tiny")
-    build_artifact(ckpt, tmp_path / "fp32", "float32", log=lambda m: None, target="ort", optimize=True)
-    build_artifact(ckpt, tmp_path / "int4", "float32", log=lambda m: None, target="ort", optimize=True, int4=True)
+    build_artifact(ckpt, tmp_path / "fp32", ExportOptions(target="ort"), log=lambda m: None)
+    build_artifact(ckpt, tmp_path / "int4", ExportOptions(target="ort", quantization="int4"), log=lambda m: None)
     base, base_top1 = perplexity(tmp_path / "fp32", heldout_ids)
     ppl, top1 = perplexity(tmp_path / "int4", heldout_ids)
     print(f"tiny held-out ({heldout_ids.shape[1]} tokens), target ort: fp32 ppl {base:.3f}, int4 weight-only ppl "

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.presets import TINY_DIR, resolve_checkpoint
 from runtime.artifact import Artifact, ArtifactError
@@ -30,11 +32,10 @@ def artifacts(tmp_path_factory):
         if (case, flavour) not in made:
             ckpt = resolve_checkpoint("tiny") if case == "tiny" else RandomCheckpoint(CONFIGS[case], seed=9)
             out = tmp_path_factory.mktemp(f"{case}-{flavour}") / "artifact"
-            passes = {"portable": {}, "ort": {"optimize": True, "target": "ort"},
-                      "static": {"optimize": True, "max_seq": 96},
-                      "ort-static": {"optimize": True, "target": "ort", "max_seq": 96}}[flavour]
-            build_artifact(ckpt, out, "float32", tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None,
-                           **passes)
+            options = {"portable": ExportOptions(optimize=False), "ort": ExportOptions(target="ort"),
+                       "static": ExportOptions(kv_cache="static", max_seq_len=96),
+                       "ort-static": ExportOptions(target="ort", kv_cache="static", max_seq_len=96)}[flavour]
+            build_artifact(ckpt, out, options, tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
             made[case, flavour] = (Artifact.open(out), ckpt)
         return made[case, flavour]
     return get
@@ -69,8 +70,8 @@ def test_torch_backend_tokens_equal_transformers(artifacts, tokenizer, case, fla
 
 def test_torch_backend_refuses_int8_weights(tmp_path):
     out = tmp_path / "int8"
-    build_artifact(RandomCheckpoint(CONFIGS["gqa"], seed=9), out, "float32", tokenizer=TINY_DIR / "tokenizer.model",
-                   log=lambda m: None, optimize=True, int8=True)
+    build_artifact(RandomCheckpoint(CONFIGS["gqa"], seed=9), out, ExportOptions(quantization="int8"),
+                   tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)
     with pytest.raises(ValueError, match="the torch backend runs float weights; .* is INT8 .*use the ort backend"):
         open_backend(Artifact.open(out), "torch")
 
@@ -269,7 +270,7 @@ def test_verified_files_are_hashed_again_only_when_they_change(artifacts, tmp_pa
     artifact, _ = artifacts("mha")
     copy = tmp_path / "copy"
     shutil.copytree(artifact.directory, copy)
-    files = set(artifact.manifest["files"])
+    files = set(artifact.manifest.files)
     hashed = []
     real_sha256 = artifact_module.sha256
     monkeypatch.setattr(artifact_module, "sha256", lambda path: hashed.append(path.name) or real_sha256(path))
@@ -339,7 +340,7 @@ def test_bench_reports_consistent_figures(artifacts):
     report = json.loads(out.stdout)
     assert report["settle_s"] == 0.5
     c = artifact.config
-    weights = artifact.manifest["export"]["weights_bytes"] - c["vocab_size"] * c["hidden_size"] * 4
+    weights = artifact.manifest.export.weights_bytes - c["vocab_size"] * c["hidden_size"] * 4
     cache = 2 * 4 * 4 * 32 * 4 * (16 + 4.5) * 2
     assert report["bytes_per_step"] == int(weights + cache)
     assert report["decode_tokens_per_s"] == pytest.approx(2 * report["decode_steps_per_s"], rel=0.01)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from runtime import serving
-from runtime.artifact import manifest_bytes
+from runtime.artifact_format import manifest_bytes
 from runtime.chat import chat_prompt_ids
 from runtime.sampling import SamplingParams
 from runtime.serving.client import infer_inputs, is_final

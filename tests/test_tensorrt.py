@@ -3,6 +3,7 @@ record in the manifest, the runtime's engine checks. (Building and running engin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -17,9 +18,10 @@ from exporter.engine import ENGINE_FILE, record_engine, tensorrt_status
 from exporter.errors import ExportError
 from exporter.onnx_export import io_contract
 from exporter.presets import resolve_checkpoint
-from exporter.trt_profiles import Limits, limits, profiles, to_polygraphy
+from exporter.trt_profiles import limits, profiles, to_polygraphy
 from graphs import trt_check
 from runtime.artifact import Artifact, ArtifactError
+from runtime.artifact_format import BuildLimits, EngineRecord, GraphRecord
 from runtime.backends import open_backend
 from runtime.backends.trt import (TrtBackend, TrtCache, changed_bindings, cuda_graph_refusal, engine_mismatch, expect,
                                   pick_profile)
@@ -35,9 +37,9 @@ def build_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def graph_section(max_seq: int | None = None) -> dict:
-    return {"flavour": "static" if max_seq else "portable", **({"max_sequence_length": max_seq} if max_seq else {}),
-            "io": io_contract(TINY, "float16", max_seq)}
+def graph_section(max_seq: int | None = None) -> GraphRecord:
+    return GraphRecord("model.onnx", "model.onnx.data", 23, "static" if max_seq else "portable", "trt", True,
+                       "float16", io_contract(TINY, "float16", max_seq), max_seq)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +58,14 @@ def test_target_trt_here_writes_the_artifact_and_the_command_that_finishes_it(tr
     assert finish in result.stderr and HERE.reason in result.stderr
     artifact = Artifact.open(out)  # complete: every file present with its digest
     manifest = artifact.manifest
-    assert manifest["graph"]["target"] == "trt" and ENGINE_FILE not in manifest["files"]
-    assert manifest["export"]["passes"][-1] == {"pass": "TensorRT-compatibility check", "changed": 0,
+    assert manifest.graph.target == "trt" and ENGINE_FILE not in manifest.files
+    assert manifest.export.passes[-1] == {"pass": "TensorRT-compatibility check", "changed": 0,
                                                 "detail": "passed"}
     assert trt_check.check(onnx.load(str(out / "model.onnx"), load_external_data=False)) == []
-    section = manifest["tensorrt"]
-    lim = Limits(4, 1023, TINY.max_position_embeddings)
-    assert section["limits"] == lim.as_dict() and section["build_command"] == f"llama-build {out}"
-    assert section["profiles"] == profiles(manifest["graph"], lim)
+    section = manifest.tensorrt
+    lim = BuildLimits(4, 1023, TINY.max_position_embeddings)
+    assert section.limits == lim and section.build_command == f"llama-build {out}" and section.engine is None
+    assert section.profiles == profiles(manifest.graph, lim)
 
 
 @no_tensorrt_here
@@ -106,14 +108,14 @@ def test_portable_profiles_from_the_flags():
                                                                "max": [8, kv, 511, d]}
     assert context["values"]["logits_to_keep"] == {"min": 0, "opt": 1, "max": 256}
     assert generation["values"]["logits_to_keep"] == {"min": 0, "opt": 1, "max": 1}
-    names = {spec["name"] for spec in graph["io"]["inputs"]} - {"logits_to_keep"}
+    names = {spec["name"] for spec in graph.io["inputs"]} - {"logits_to_keep"}
     assert set(context["shapes"]) == set(generation["shapes"]) == names
 
 
 def test_static_profile_keeps_the_cache_fixed():
     graph = graph_section(max_seq=96)
     lim = limits(graph, TINY.to_hf_dict(), max_batch=2, max_input_len=64)
-    assert lim == Limits(2, 64, 96)
+    assert lim == BuildLimits(2, 64, 96)
     (static,) = profiles(graph, lim)
     kv, d = TINY.num_key_value_heads, TINY.head_dim
     assert static["shapes"]["past_key_values.0.key"] == {"min": [1, kv, 96, d], "opt": [2, kv, 96, d],
@@ -148,7 +150,7 @@ def test_static_graph_slots_are_fixed():
 
 
 def test_polygraphy_profiles_carry_shapes_and_the_shape_tensor_values():
-    plan = profiles(graph_section(), Limits(2, 16, 64))
+    plan = profiles(graph_section(), BuildLimits(2, 16, 64))
     host = to_polygraphy(plan, {"logits_to_keep"})
     assert len(host) == 2
     assert tuple(host[0]["input_ids"].max) == (2, 16) and tuple(host[1]["input_ids"].max) == (2, 1)
@@ -192,16 +194,16 @@ def test_engine_record_in_the_manifest(trt_ready, tmp_path):
     shutil.copytree(trt_ready[0], out)
     before = Artifact.open(out).manifest
     info = {"tensorrt_version": "11.4.0.106", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
-            "hardware_compatible": False, "limits": before["tensorrt"]["limits"],
-            "profiles": before["tensorrt"]["profiles"], "build_seconds": 12.5}
+            "hardware_compatible": False, "limits": before.tensorrt.limits, "profiles": before.tensorrt.profiles,
+            "build_seconds": 12.5}
     blob = bytes(range(256)) * 64  # the engine bytes are opaque to everything but TensorRT
     record_engine(out, before, blob, info)
     after = Artifact.open(out).manifest
-    engine = after["tensorrt"]["engine"]
-    assert engine["file"] == ENGINE_FILE and engine["bytes"] == len(blob) == after["files"][ENGINE_FILE]["bytes"]
-    assert engine["sha256"] == after["files"][ENGINE_FILE]["sha256"] == __import__("hashlib").sha256(blob).hexdigest()
-    assert engine["gpu"]["compute_capability"] == "9.0" and engine["profiles"] == before["tensorrt"]["profiles"]
-    assert after["tensorrt"]["limits"] == before["tensorrt"]["limits"] and after["graph"] == before["graph"]
+    engine = after.tensorrt.engine
+    assert engine.file == ENGINE_FILE and engine.bytes == len(blob) == after.files[ENGINE_FILE].bytes
+    assert engine.sha256 == after.files[ENGINE_FILE].sha256 == __import__("hashlib").sha256(blob).hexdigest()
+    assert engine.gpu["compute_capability"] == "9.0" and engine.profiles == before.tensorrt.profiles
+    assert after.tensorrt.limits == before.tensorrt.limits and after.graph == before.graph
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
     (out / ENGINE_FILE).write_bytes(blob[:-1] + b"\x00")
     with pytest.raises(ArtifactError, match="model.plan: sha256 does not match the manifest"):
@@ -209,19 +211,20 @@ def test_engine_record_in_the_manifest(trt_ready, tmp_path):
 
 
 def test_runtime_refuses_an_engine_from_elsewhere():
-    record = {"tensorrt_version": "11.4.0.106", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
+    record = EngineRecord("model.plan", 1, "0" * 64, "11.4.0.106", {"name": "NVIDIA H100 80GB HBM3",
+                          "compute_capability": "9.0"}, BuildLimits(1, 1, 2), [], 1.0)
     assert engine_mismatch(record, "11.4.0.106", "NVIDIA H100 80GB HBM3", (9, 0)) is None
     assert engine_mismatch(record, "11.5.0.1", "NVIDIA H100 80GB HBM3", (9, 0)) == \
         "built with TensorRT 11.4.0.106, this is TensorRT 11.5.0.1"
     assert "built for NVIDIA H100 80GB HBM3 (compute capability 9.0), this is NVIDIA L4 (8.9)" in \
         engine_mismatch(record, "11.4.0.106", "NVIDIA L4", (8, 9))
-    portable = {**record, "hardware_compatible": True}
+    portable = dataclasses.replace(record, hardware_compatible=True)
     assert engine_mismatch(portable, "11.4.0.106", "NVIDIA L4", (8, 9)) is None
     assert "compute capability 7.5" in engine_mismatch(portable, "11.4.0.106", "Tesla T4", (7, 5))
 
 
 def test_runtime_picks_the_profile_per_step():
-    plan = profiles(graph_section(), Limits(4, 100, 300))
+    plan = profiles(graph_section(), BuildLimits(4, 100, 300))
     rebuild = "llama-build out/x"
     assert pick_profile(plan, 3, 100, 0, rebuild) == 0
     assert pick_profile(plan, 4, 1, 17, rebuild) == 1

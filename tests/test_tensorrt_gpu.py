@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from exporter.artifact import build_artifact
+
+from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.engine import build_engine, tensorrt_status
 from exporter.loading import load_model
@@ -43,9 +45,10 @@ def engines(tmp_path_factory):
         if key not in made:
             ckpt = resolve_checkpoint("tiny") if case == "tiny" else RandomCheckpoint(CONFIGS[case], seed=9)
             out = tmp_path_factory.mktemp(f"{case}-{dtype}") / "artifact"
-            manifest = build_artifact(ckpt, out, dtype, tokenizer=TINY_DIR / "tokenizer.model", log=print,
-                                      target="trt", optimize=True, int8=int8, max_seq=max_seq)
-            lim = limits(manifest["graph"], manifest["model"]["config"], max_batch=4, max_input_len=64,
+            options = ExportOptions(dtype, "trt", quantization="int8" if int8 else "none",
+                                    kv_cache="static" if max_seq else "portable", max_seq_len=max_seq)
+            manifest = build_artifact(ckpt, out, options, tokenizer=TINY_DIR / "tokenizer.model", log=print)
+            lim = limits(manifest.graph, manifest.model.config, max_batch=4, max_input_len=64,
                          max_seq_len=None if max_seq else 128)
             build_engine(out, manifest, lim, timing_cache=out.parent / "timing.cache", log=print)
             made[key] = (Artifact.open(out), ckpt)
@@ -91,15 +94,16 @@ def test_tensorrt_parser_accepts_what_the_check_passes(tmp_path, dtype, int8, sm
 
     smooth = SmoothQuant(sequences(TINY_DIR / "tokenizer.model", DEFAULT_TEXT, 256, 64)) if smoothquant else None
     out = tmp_path / "a"
-    build_artifact(resolve_checkpoint("tiny"), out, dtype, log=print, target="trt", optimize=True, int8=int8,
-                   smoothquant=smooth, max_seq=max_seq)
+    options = ExportOptions.from_flags(dtype=dtype, target="trt", int8=int8, smoothquant=smoothquant,
+                                       kv_cache="static" if max_seq else "portable", max_seq_len=max_seq)
+    build_artifact(resolve_checkpoint("tiny"), out, options, log=print, smoothquant=smooth)
     assert trt_check.check(onnx.load(str(out / "model.onnx"), load_external_data=False), out) == []
     assert parse(out / "model.onnx") == []
 
 
 def test_tensorrt_parser_refuses_the_old_fp16_graph_as_the_check_does(tmp_path):
     out = tmp_path / "onnx"
-    build_artifact(resolve_checkpoint("tiny"), out, "float16", log=print, target="onnx", optimize=True)
+    build_artifact(resolve_checkpoint("tiny"), out, ExportOptions("float16"), log=print)
     assert {p.rule for p in trt_check.check(onnx.load(str(out / "model.onnx"), load_external_data=False))} == {
         "attention-softmax-precision"}
     errors = parse(out / "model.onnx")
@@ -109,7 +113,7 @@ def test_tensorrt_parser_refuses_the_old_fp16_graph_as_the_check_does(tmp_path):
 @pytest.mark.parametrize("int8, max_seq", [(False, None), (True, None), (False, 128)], ids=["fp16", "int8", "static"])
 def test_tiny_engine_prefill_and_16_decode_steps_against_pytorch(engines, int8, max_seq):
     artifact, ckpt = engines("tiny", "float16", int8, max_seq)
-    assert artifact.manifest["tensorrt"]["engine"]["attention"] == {"fused": True}
+    assert artifact.manifest.tensorrt.engine.attention == {"fused": True}
     backend = open_backend(artifact, "trt")
     model = load_model(ckpt)
     agree, total = 0, 0
@@ -125,7 +129,7 @@ def test_tiny_engine_prefill_and_16_decode_steps_against_pytorch(engines, int8, 
 def test_engine_greedy_tokens_equal_transformers(engines, case, max_seq):
     artifact, ckpt = engines(case, "float32", max_seq=max_seq)
     # no fused fp32 attention kernel: llama-build marked the IAttention layers decomposable, and they build
-    assert artifact.manifest["tensorrt"]["engine"]["attention"]["fused"] is False
+    assert artifact.manifest.tensorrt.engine.attention["fused"] is False
     backend = open_backend(artifact, "trt")
     tokenizer = LlamaTokenizer(TINY_DIR / "tokenizer.model")
     prompts = [tokenizer.encode(p) for p in PROMPTS]

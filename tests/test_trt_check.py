@@ -209,13 +209,15 @@ def test_scale_values_are_read_from_the_external_data(tmp_path):
 def tiny_trt(tmp_path_factory):
     """tiny exported for trt in the two forms no other test file exports: bf16 and the static cache."""
     from exporter.artifact import build_artifact
+    from graphs.options import ExportOptions
     from exporter.presets import resolve_checkpoint
 
     ckpt, root = resolve_checkpoint("tiny"), tmp_path_factory.mktemp("tiny-trt")
     out = {}
     for name, dtype, max_seq in (("bf16", "bfloat16", None), ("static", "float16", 64)):
         out[name] = root / name
-        build_artifact(ckpt, out[name], dtype, log=lambda m: None, target="trt", optimize=True, max_seq=max_seq)
+        options = ExportOptions(dtype, "trt", kv_cache="static" if max_seq else "portable", max_seq_len=max_seq)
+        build_artifact(ckpt, out[name], options, log=lambda m: None)
     return out
 
 
@@ -236,10 +238,11 @@ def test_the_old_fp16_graph_fails_with_the_parsers_message(tmp_path):
     """The onnx target keeps softmax_precision (legal there): exactly the graph every fp16 trt export used to
     be; the check refuses each of its Attention nodes as the parser does."""
     from exporter.artifact import build_artifact
+    from graphs.options import ExportOptions
     from exporter.presets import resolve_checkpoint
 
     out = tmp_path / "onnx"
-    build_artifact(resolve_checkpoint("tiny"), out, "float16", log=lambda m: None, target="onnx", optimize=True)
+    build_artifact(resolve_checkpoint("tiny"), out, ExportOptions("float16"), log=lambda m: None)
     problems = check(onnx.load(str(out / "model.onnx"), load_external_data=False), base_dir=out)
     assert len(problems) == 4 and {p.rule for p in problems} == {"attention-softmax-precision"}
     assert all("Setting softmax precision is not supported in TensorRT Attention." in str(p) for p in problems)

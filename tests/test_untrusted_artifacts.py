@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import runtime.artifact as artifact_module
-from runtime.artifact import Artifact, ArtifactError, VerifiedFiles, manifest_bytes
+from runtime.artifact import Artifact, ArtifactError, VerifiedFiles
+from runtime.artifact_format import manifest_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,11 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     from exporter.artifact import build_artifact
+    from graphs.options import ExportOptions
     from exporter.checkpoint import truncate_layers
     from exporter.presets import TINY_DIR, resolve_checkpoint
 
     out = tmp_path_factory.mktemp("untrusted") / "art"
-    build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), out, "float32",
+    build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), out, ExportOptions(optimize=False),
                    tokenizer=TINY_DIR / "tokenizer.model", log=lambda m: None)  # the traced graph: quick
     return out
 

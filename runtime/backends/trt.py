@@ -19,19 +19,21 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Artifact
+from ..artifact_format import EngineRecord
 from .feeds import SlotState, static_feed
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 KEEP = "logits_to_keep"
 
 
-def engine_mismatch(record: dict, tensorrt_version: str, gpu_name: str, capability: tuple[int, int]) -> str | None:
+def engine_mismatch(record: EngineRecord, tensorrt_version: str, gpu_name: str,
+                    capability: tuple[int, int]) -> str | None:
     """Why an engine built as `record` says cannot run with this TensorRT and GPU (None: it can)."""
-    if record["tensorrt_version"] != tensorrt_version:
-        return f"built with TensorRT {record['tensorrt_version']}, this is TensorRT {tensorrt_version}"
-    built = record["gpu"]
+    if record.tensorrt_version != tensorrt_version:
+        return f"built with TensorRT {record.tensorrt_version}, this is TensorRT {tensorrt_version}"
+    built = record.gpu
     here = f"{capability[0]}.{capability[1]}"
-    if record.get("hardware_compatible"):
+    if record.hardware_compatible:
         if capability < (8, 0):
             return f"built for Ampere or newer GPUs, this {gpu_name} has compute capability {here}"
         return None
@@ -103,7 +105,7 @@ class TrtSlotCache(SlotState):
 class TrtBackend:
     def __init__(self, artifact: Artifact, cuda_graph: bool = False):
         rebuild = f"llama-build {artifact.directory}"
-        record = artifact.manifest.get("tensorrt", {}).get("engine")
+        record = artifact.manifest.tensorrt.engine if artifact.manifest.tensorrt else None
         if record is None:
             raise ValueError(f"{artifact.directory} has no TensorRT engine; build it with: {rebuild}")
         try:
@@ -117,7 +119,7 @@ class TrtBackend:
         problem = engine_mismatch(record, trt.__version__, torch.cuda.get_device_name(0),
                                   torch.cuda.get_device_capability(0))
         if problem:
-            raise ValueError(f"{artifact.directory / record['file']}: {problem}; rebuild it here with: {rebuild}")
+            raise ValueError(f"{artifact.directory / record.file}: {problem}; rebuild it here with: {rebuild}")
         if artifact.dtype not in TORCH_DTYPES:
             raise ValueError(f"{artifact.directory}: dtype {artifact.dtype} is not one the trt backend runs")
         if cuda_graph and artifact.flavour != "static":
@@ -127,19 +129,19 @@ class TrtBackend:
         self.device = torch.device("cuda", 0)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine((artifact.directory / record["file"]).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine((artifact.directory / record.file).read_bytes())
         if self.engine is None:
-            raise ValueError(f"{artifact.directory / record['file']}: TensorRT could not deserialize the engine (see "
+            raise ValueError(f"{artifact.directory / record.file}: TensorRT could not deserialize the engine (see "
                              f"its message above); rebuild it with: {rebuild}")
-        if record.get("weight_streaming"):  # keep on the GPU what TensorRT judges fits; stream the rest
+        if record.weight_streaming:  # keep on the GPU what TensorRT judges fits; stream the rest
             self.engine.weight_streaming_budget_v2 = self.engine.get_weight_streaming_automatic_budget()
         if cuda_graph:
-            refusal = cuda_graph_refusal(bool(record.get("weight_streaming")), self.engine.weight_streaming_budget_v2,
+            refusal = cuda_graph_refusal(record.weight_streaming, self.engine.weight_streaming_budget_v2,
                                          self.engine.streamable_weights_size)
             if refusal:
                 raise ValueError(f"{artifact.directory}: {refusal}")
         self.stream = torch.cuda.Stream(self.device)
-        self.profiles, self.flavour = record["profiles"], artifact.flavour
+        self.profiles, self.flavour = record.profiles, artifact.flavour
         self.contexts = []
         for index in range(len(self.profiles)):  # one execution context per profile, each set once
             context = self.engine.create_execution_context()
@@ -152,7 +154,7 @@ class TrtBackend:
         self.head_dim = artifact.head_dim
         self.vocab = c["vocab_size"]
         self.cache_dtype = getattr(torch, artifact.dtype)
-        self.max_length = min(artifact.max_length, record["limits"]["max_seq_len"])
+        self.max_length = min(artifact.max_length, record.limits.max_seq_len)
         self.slots = artifact.max_sequence_length
         self.names = [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}") for i in range(self.num_layers)
                       for kind in ("key", "value")]
