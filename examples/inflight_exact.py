@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.generate import generate  # noqa: E402
+from runtime.generation import generate  # noqa: E402
 from runtime.inflight import InflightBatcher, Request  # noqa: E402
 
 

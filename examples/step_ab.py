@@ -41,7 +41,7 @@ class QuietOptions(ort.SessionOptions):  # no spinning: the other worker runs wh
 ort.SessionOptions = QuietOptions
 from runtime.artifact import Artifact
 from runtime.backends import open_backend
-from runtime.generate import decode_one_token, prefill
+from runtime.generation import decode_one_token, prefill
 
 artifact = Artifact.open(sys.argv[1])
 batch, vocab = int(sys.argv[2]), artifact.config["vocab_size"]

@@ -11,7 +11,7 @@ import click
 from runtime.artifact import Artifact, ArtifactError
 
 from . import fused_attention
-from .engine import EXIT_NO_TENSORRT, build_engine, describe, tensorrt_status
+from .trt_build import EXIT_NO_TENSORRT, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .staging import Interrupted, catch_signals, phase
 from .trt_profiles import limits, profiles

@@ -14,7 +14,7 @@ from runtime.artifact_format import Manifest
 from . import fused_attention
 from .checkpoint import truncate_layers
 from .cli_options import dtype_option, model_options
-from .engine import EXIT_NO_TENSORRT, build_command, build_engine, describe, tensorrt_status
+from .trt_build import EXIT_NO_TENSORRT, build_command, build_engine, describe, tensorrt_status
 from .errors import ExportError
 from .presets import PRESET_NAMES, check_vocabulary, find_tokenizer, resolve_checkpoint
 from .staging import Interrupted, catch_signals, write_failure
@@ -133,8 +133,8 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
             check_vocabulary(tokenizer, c)
         from graphs import pipeline  # the heavy imports (torch, onnx, the graph passes), once the input is known good
 
-        from . import calibration as calibration_text
-        from .artifact import build_artifact
+        from . import calibration_text
+        from .write_artifact import build_artifact
         from .verify import verify_artifact
 
         smooth = None

@@ -35,7 +35,7 @@ from runtime import parity
 from runtime.artifact import Artifact
 from runtime.backends import open_backend
 from runtime.chat import chat_prompt_ids
-from runtime.generate import left_pad
+from runtime.generation import left_pad
 from runtime.tokenizer import LlamaTokenizer
 
 from .checkpoint import Checkpoint, RandomCheckpoint, open_checkpoint, truncate_layers

@@ -57,7 +57,7 @@ def main(model_name, checkpoint, random_weights, seed, dtype, prompt, chat, syst
             raise ExportError(f"--prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
                               f"{window} positions; lower --max-new-tokens to {max(window - len(ids), 0)} or less"
                               + ("" if len(ids) < window else " and shorten the prompt"))
-        from .generate import generate  # torch, once the input is known good
+        from .reference_generate import generate  # torch, once the input is known good
         from .loading import load_model
 
         t0 = time.perf_counter()

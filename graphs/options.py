@@ -1,6 +1,6 @@
 """What an export makes, as one value: the graph's float type, the target its passes are for, the quantization and the
 KV cache. `ExportOptions` is checked when it is made (every refusal names the llama-export flags and the fix), then
-read by the export, by the pass pipeline (`graphs.pipeline.passes`), for the manifest's weights label and for the
+read by the export, by the pass pipeline (`graphs.pipeline.plan`), for the manifest's weights label and for the
 default output directory's name. Imports nothing heavy: llama-export checks its flags before loading torch or onnx.
 """
 

@@ -33,9 +33,9 @@ from onnxscript import optimizer
 
 from . import calibrate, trt_check
 from .options import ExportOptions
-from .rules import (ort_gqa, ort_rotary, packed_matmul, pointwise_conv, precision, rms_norm, rotary, skip_rms_norm,
-                    smooth_quant, static_cache, weight_int8)
-from .rules._tensors import release
+from .passes import (ort_gqa, ort_rotary, packed_matmul, pointwise_conv, precision, rms_norm, rotary, skip_rms_norm,
+                    smooth_quant, static_cache, weight_quant)
+from .passes._tensors import release
 
 ALIGN = 4096  # page-aligned external data, so that runtimes can memory-map it
 
@@ -74,24 +74,50 @@ def _cleanup(model: ir.Model) -> int:
     return before - len(model.graph)
 
 
-def passes(options: ExportOptions, max_positions: int, smoothquant: SmoothQuant | None = None
-           ) -> list[tuple[str, Callable[[ir.Model], int], str]]:
-    """(name, function returning how many places it changed, what the count means) in order, for `options` on a
-    model of `max_positions` positions (they size the static cache by default and the ort target's constant rope
-    caches). W8A8 calibrates on `smoothquant`'s sequences."""
+class GraphPass(ir.passes.InPlacePass):
+    """One step of the pipeline in onnx-ir's pass interface: `rewrite(model)` returns how many places it changed,
+    kept as `changed` (`unit` says what they are). `after` holds the keys of the passes it needs to have run
+    before it, where the pipeline has them; `plan` refuses an order that breaks one."""
+
+    def __init__(self, key: str, name: str, rewrite: Callable[[ir.Model], int], unit: str, after: tuple = ()):
+        super().__init__()
+        self.key, self.name, self.rewrite, self.unit, self.after = key, name, rewrite, unit, after
+        self.changed = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.changed = self.rewrite(model)
+        return ir.passes.PassResult(model, modified=self.changed > 0)
+
+
+def check_order(steps: list[GraphPass]) -> None:
+    """PassError if a pass comes before one it names in `after`."""
+    first = {}
+    for index, step in enumerate(steps):
+        first.setdefault(step.key, index)
+    for index, step in enumerate(steps):
+        for key in step.after:
+            if first.get(key, -1) > index:
+                raise PassError(f"the pass {step.name!r} must run after {steps[first[key]].name!r}")
+
+
+def plan(options: ExportOptions, max_positions: int, smoothquant: SmoothQuant | None = None) -> list[GraphPass]:
+    """The passes for `options` on a model of `max_positions` positions (they size the static cache by default and
+    the ort target's constant rope caches), in order. W8A8 calibrates on `smoothquant`'s sequences."""
     target, max_seq = options.target, options.slots(max_positions)
     if options.quantization == "w8a8" and smoothquant is None:
         raise PassError("SmoothQuant W8A8 calibrates the activations: give the calibration sequences")
+    folded = ("cleanup",)  # the fusions match the traced graph once its constants are folded
     steps = [
-        ("constant folding, shape simplification, dead-node removal", _cleanup, "nodes removed"),
-        ("RMSNormalization", rms_norm.apply, "fused"),
-        ("RotaryEmbedding", rotary.apply, "fused"),
-        ("packed projections (qkv, gate/up)", packed_matmul.apply, "groups packed"),
+        GraphPass("cleanup", "constant folding, shape simplification, dead-node removal", _cleanup, "nodes removed"),
+        GraphPass("rms_norm", "RMSNormalization", rms_norm.apply, "fused", folded),
+        GraphPass("rotary", "RotaryEmbedding", rotary.apply, "fused", folded),
+        GraphPass("packed", "packed projections (qkv, gate/up)", packed_matmul.apply, "groups packed", folded),
     ]
     if target == "ort":
-        steps.append(("SkipSimplifiedLayerNormalization (com.microsoft)", skip_rms_norm.apply, "fused"))
-        steps.append((f"RotaryEmbedding (com.microsoft, {max_positions}-position caches)",
-                      lambda m: ort_rotary.apply(m, max_positions), "converted"))
+        steps.append(GraphPass("skip_rms_norm", "SkipSimplifiedLayerNormalization (com.microsoft)",
+                               skip_rms_norm.apply, "fused", ("rms_norm",)))
+        steps.append(GraphPass("ort_rotary", f"RotaryEmbedding (com.microsoft, {max_positions}-position caches)",
+                               lambda m: ort_rotary.apply(m, max_positions), "converted", ("rotary",)))
     if options.quantization == "w8a8":
         sq, alpha = smoothquant, options.smoothquant_alpha
 
@@ -99,26 +125,31 @@ def passes(options: ExportOptions, max_positions: int, smoothquant: SmoothQuant 
             return smooth_quant.apply(model, lambda m, values: calibrate.channel_peaks(
                 m, values, sq.sequences, sq.scratch, sq.threads, sq.log), alpha)
         tokens = sum(ids.shape[-1] for ids in sq.sequences)
-        steps.append((f"SmoothQuant W8A8 (alpha {alpha}, {tokens} calibration tokens)", smooth,
-                      "MatMuls quantized"))
+        # the factors fold into the RMSNormalization scales and the packed gate/up weight
+        steps.append(GraphPass("quantize", f"SmoothQuant W8A8 (alpha {alpha}, {tokens} calibration tokens)", smooth,
+                               "MatMuls quantized", ("rms_norm", "packed")))
     elif options.quantization == "int4":
-        steps.append(("int4 weight-only (MatMulNBits bits=4, blocks of 32)",
-                      lambda m: weight_int8.apply(m, "matmulnbits", bits=4), "weights quantized"))
+        steps.append(GraphPass("quantize", "int4 weight-only (MatMulNBits bits=4, blocks of 32)",
+                               lambda m: weight_quant.apply(m, "matmulnbits", bits=4), "weights quantized",
+                               ("packed",)))
     elif options.quantization == "int8":
         form = "matmulnbits" if target == "ort" else "qdq"
-        steps.append((f"int8 weight-only ({weight_int8.OPS[form]})",
-                      lambda m: weight_int8.apply(m, form), "weights quantized"))
+        steps.append(GraphPass("quantize", f"int8 weight-only ({weight_quant.OPS[form]})",
+                               lambda m: weight_quant.apply(m, form), "weights quantized", ("packed",)))
     if max_seq is not None:
-        steps.append((f"static KV cache (TensorScatter, {max_seq} slots)",
-                      lambda m: static_cache.apply(m, max_seq), "caches made static"))
+        steps.append(GraphPass("static_cache", f"static KV cache (TensorScatter, {max_seq} slots)",
+                               lambda m: static_cache.apply(m, max_seq), "caches made static"))
     if target == "ort":
         sharing = (", past and present share one buffer; packed qkv rotated in the kernel, keys cached rotated by "
                    "slot, where head_dim is a multiple of 16") if max_seq is not None else ""
-        steps.append((f"GroupQueryAttention (com.microsoft{sharing})", ort_gqa.apply, "layers fused"))
-    if target == "ort":
-        steps.append(("float32 weights as 1×1 Conv (ONNX Runtime's NCHWc kernel)", pointwise_conv.apply,
-                      "MatMuls converted"))
-    steps.append(("cleanup", _cleanup, "nodes removed"))
+        # it reads the contrib rope and the packed qkv, and with a static cache its TensorScatter update
+        steps.append(GraphPass("gqa", f"GroupQueryAttention (com.microsoft{sharing})", ort_gqa.apply, "layers fused",
+                               ("ort_rotary", "packed", "static_cache")))
+        # float32 MatMuls only: quantized weights stay as the quantization wrote them
+        steps.append(GraphPass("pointwise_conv", "float32 weights as 1×1 Conv (ONNX Runtime's NCHWc kernel)",
+                               pointwise_conv.apply, "MatMuls converted", ("quantize",)))
+    steps.append(GraphPass("final_cleanup", "cleanup", _cleanup, "nodes removed"))
+    check_order(steps)
     return steps
 
 
@@ -130,11 +161,11 @@ def run(src: Path, dst: Path, options: ExportOptions, max_positions: int, *, smo
     if smoothquant is not None and smoothquant.scratch is None:
         smoothquant = dataclasses.replace(smoothquant, scratch=dst.parent)
     reports = []
-    for name, fn, unit in passes(options, max_positions, smoothquant):
+    for step in plan(options, max_positions, smoothquant):
         started = time.perf_counter()
-        changed = fn(model)
-        reports.append(PassReport(name, changed, f"{changed} {unit}"))
-        log(f"  {name}: {changed} {unit} ({time.perf_counter() - started:.1f} s)")
+        step(model)  # onnx-ir's PassBase.__call__: its preconditions, call, postconditions
+        reports.append(PassReport(step.name, step.changed, f"{step.changed} {step.unit}"))
+        log(f"  {step.name}: {step.changed} {step.unit} ({time.perf_counter() - started:.1f} s)")
     counts = op_counts(model)
     data = f"{dst.name}.data"
     log(f"  writing the optimized graph and weights to {dst.name} / {data}")
@@ -151,7 +182,7 @@ def run(src: Path, dst: Path, options: ExportOptions, max_positions: int, *, smo
 
 
 def convert_precision(path: Path, dtype: str, target: str = "onnx") -> PassReport:
-    """Rewrite the float32 graph at `path` in place as `dtype` (`rules/precision.py`). Its weights must already
+    """Rewrite the float32 graph at `path` in place as `dtype` (`passes/precision.py`). Its weights must already
     be stored in `dtype` (the export writes them so): only the graph file is rewritten, the data file is not.
     For the trt target, `Attention` gets no `softmax_precision` (TensorRT's parser rejects the attribute)."""
     model = ir.load(str(path))

@@ -47,7 +47,7 @@ import numpy as np
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
 from .cli import ENVIRONMENT, to_stderr
-from .generate import decode_one_token, prefill
+from .generation import decode_one_token, prefill
 from .hugepages import anon_huge_pages_bytes, huge_pages_state, relaunch_with_huge_pages
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -64,7 +64,7 @@ def _build_probes(threads: int | None, megabytes: int = 256) -> None:
       random values (so nothing can be shared or compressed);
     - the same chain over one 8192-row matrix (ONNX Runtime reads narrow matrices faster, wide ones slower);
     - the first chain as 1×1 Convs on a one-pixel image, the ort target's access pattern (the NCHWc kernel,
-      weights reordered at load; see graphs/rules/pointwise_conv.py), which reads faster still (its image's width,
+      weights reordered at load; see graphs/passes/pointwise_conv.py), which reads faster still (its image's width,
       the rows, is left free, for the kernel reading at a batch's rows);
     - a ReduceSum over the same bytes, fed as an input."""
     import onnxruntime as ort
@@ -243,22 +243,22 @@ def main(directory, backend, cuda_graph, batch, prompt_len, gen_len, runs, threa
         artifact = Artifact.open(directory, log=to_stderr)
         checked = time.perf_counter()
         c = artifact.config
-        engine = open_backend(artifact, backend, threads, cuda_graph)
+        runner = open_backend(artifact, backend, threads, cuda_graph)
         loaded = time.perf_counter()
-        if prompt_len + gen_len + 1 > engine.max_length:
+        if prompt_len + gen_len + 1 > runner.max_length:
             raise ArtifactError(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
-                                f"{engine.max_length}")
+                                f"{runner.max_length}")
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     probe = HbmProbe() if backend == "trt" else BandwidthProbe(threads, rows=batch)
     try:
-        run_once(engine, c["vocab_size"], batch, min(prompt_len, 8), 2, seed=99)  # warm-up
+        run_once(runner, c["vocab_size"], batch, min(prompt_len, 8), 2, seed=99)  # warm-up
         readings = [probe.read()]  # the probe's buffers are built (and its load's leftovers freed) by now
         time.sleep(settle)
         results = []
         for i in range(runs):
-            results.append(run_once(engine, c["vocab_size"], batch, prompt_len, gen_len, seed=i))
+            results.append(run_once(runner, c["vocab_size"], batch, prompt_len, gen_len, seed=i))
             readings.append(probe.read())
     finally:
         probe.close()

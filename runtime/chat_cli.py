@@ -11,7 +11,7 @@ from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
 from .chat import ChatFormatError, chat_prompt_ids
 from .cli import ENVIRONMENT, to_stderr
-from .generate import Generation
+from .generation import Generation
 from .hugepages import relaunch_with_huge_pages
 from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer, TokenizerError

@@ -10,7 +10,7 @@ import click
 
 from .artifact import Artifact, ArtifactError
 from .backends import BACKENDS, open_backend
-from .generate import Generation, GenerationError
+from .generation import Generation, GenerationError
 from .hugepages import relaunch_with_huge_pages
 from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer, TokenizerError
@@ -73,8 +73,8 @@ def main(directory, prompts, max_new_tokens, temperature, top_k, top_p, min_p, r
             raise ArtifactError(f"{directory}: the artifact has no tokenizer.model; re-export with --tokenizer")
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)
         ids = [tokenizer.encode_within(p, artifact.max_length) if p else [] for p in prompts]
-        engine = open_backend(artifact, backend, threads, cuda_graph)
-        run = Generation(engine, tokenizer, ids, engine.max_length, max_new_tokens, params, stop_strings=stop_strings)
+        runner = open_backend(artifact, backend, threads, cuda_graph)
+        run = Generation(runner, tokenizer, ids, runner.max_length, max_new_tokens, params, stop_strings=stop_strings)
         if as_json or len(prompts) > 1:
             for _ in run:
                 pass

@@ -4,7 +4,7 @@ Each of N clients submits a request (a prompt of `--prompt-len` random token ids
 end-of-sequence ignored so that every request makes exactly `--gen-len` tokens), waits for its end, and submits the
 next, until `--requests` requests have been made; every concurrency level runs the same requests, on one batcher of
 `--slots` slots (default: the largest concurrency) over the same loaded backend. The `sequential` row runs the same
-requests one after another without the engine (a prefill and the decode steps of a batch of one, llama-bench's
+requests one after another without the batcher (a prefill and the decode steps of a batch of one, llama-bench's
 loop): the baseline the aggregate rates are compared with.
 
 Reported per row: aggregate generated tokens/s (all tokens ÷ the time from the first submit to the last end), time
@@ -29,7 +29,7 @@ import numpy as np
 
 from .artifact import ArtifactError
 from .cli import ENVIRONMENT, to_stderr
-from .generate import decode_one_token, prefill
+from .generation import decode_one_token, prefill
 from .hugepages import relaunch_with_huge_pages
 from .inflight import InflightBatcher, Request
 
@@ -138,11 +138,11 @@ def parse_levels(text: str) -> list[int]:
 @click.option("--slots", type=click.IntRange(min=1), default=None,
               help="Cache slots of the batcher (default: the largest concurrency).")
 @click.option("--prefill-tokens-per-step", type=click.IntRange(min=1), default=None,
-              help="Prompt tokens prefilled per engine step, at least one prompt (default: the batcher's, 256).")
+              help="Prompt tokens prefilled per batcher step, at least one prompt (default: the batcher's, 256).")
 @click.option("--ramp-up", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds over which the clients start, evenly spread (0: all at once, a burst of N arrivals).")
 @click.option("--sequential/--no-sequential", "sequential_run", default=True, show_default=True,
-              help="Also run the requests one after another without the engine (the baseline).")
+              help="Also run the requests one after another without the batcher (the baseline).")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--settle", type=click.FloatRange(min=0), default=3.0, show_default=True,
@@ -166,11 +166,11 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    engine = batcher.backend
-    if prompt_len + gen_len > engine.max_length:
+    runner = batcher.backend
+    if prompt_len + gen_len > runner.max_length:
         batcher.close()
         click.echo(f"error: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
-                   f"{engine.max_length}", err=True)
+                   f"{runner.max_length}", err=True)
         sys.exit(2)
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, batcher.vocab_size, prompt_len).tolist() for _ in range(requests)]
@@ -179,9 +179,9 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
         for handle in warm:
             handle.result()
         if sequential_run:
-            sequential(engine, [prompts[0][:8]], 4)
+            sequential(runner, [prompts[0][:8]], 4)
         time.sleep(settle)
-        runs = [sequential(engine, prompts, gen_len)] if sequential_run else []
+        runs = [sequential(runner, prompts, gen_len)] if sequential_run else []
         for clients in levels:
             to_stderr(f"{clients} clients …")
             runs.append(closed_loop(batcher, prompts, gen_len, clients, ramp_up))

@@ -29,7 +29,7 @@ def one_trace_per_configuration():
     trace. A command exports once per process, so this memo lives with the tests, not in the exporter."""
     import onnx
 
-    from exporter import artifact, onnx_export
+    from exporter import onnx_export, write_artifact
 
     traces: dict[str, bytes] = {}
 
@@ -40,7 +40,7 @@ def one_trace_per_configuration():
         return onnx.ModelProto.FromString(traces[key])
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(artifact, "trace", trace)
+    patch.setattr(write_artifact, "trace", trace)
     yield
     patch.undo()
 

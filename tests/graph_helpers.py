@@ -11,12 +11,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
+from exporter.write_artifact import build_artifact
+from graphs.options import ExportOptions
 from runtime import parity
 from runtime.backends import ort_feed
+
 
 from conftest import small_config
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import httpx
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.write_artifact import build_artifact
+from graphs.options import ExportOptions
 from runtime.artifact import Artifact
 from runtime.backends import open_backend
-from runtime.generate import generate
+from runtime.generation import generate
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import LlamaTokenizer
+
 
 WINDOW = 512  # long enough that a request outlives the client cancelling it, even on a loaded machine
 SHM = "/dev/shm/triton_python_backend_shm_region_*"
@@ -41,7 +41,7 @@ def export_tiny_static(directory: Path) -> Path:
 
 
 class Reference:
-    """llama-generate's own path (runtime.generate, one prompt alone) on the same artifact."""
+    """llama-generate's own path (runtime.generation, one prompt alone) on the same artifact."""
 
     def __init__(self, artifact_dir: Path):
         self.artifact = Artifact.open(artifact_dir)

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from exporter.artifact import build_artifact
 from exporter.checkpoint import truncate_layers
-from exporter.engine import record_engine
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.trt_build import record_engine
+from exporter.write_artifact import build_artifact
 from graphs.options import ExportOptions, OptionsError
 from runtime.artifact import Artifact
 from runtime.artifact_format import SEAL, ArtifactError, Manifest, manifest_bytes, read_manifest

@@ -527,7 +527,7 @@ def shared(tmp_path_factory):
     """A small safetensors checkpoint (no tokenizer) and a trt-ready tiny artifact (1 layer), both never changed."""
     from conftest import write_safetensors_checkpoint
 
-    from exporter.artifact import build_artifact
+    from exporter.write_artifact import build_artifact
 
     from graphs.options import ExportOptions
     from exporter.checkpoint import RandomCheckpoint, truncate_layers

@@ -23,7 +23,7 @@ def test_graphs_never_imports_torch():
 
 
 def test_runtime_never_imports_exporter():
-    modules = imported_after("import runtime.cli, runtime.chat_cli, runtime.bench, runtime.generate")
+    modules = imported_after("import runtime.cli, runtime.chat_cli, runtime.bench, runtime.generation")
     assert "exporter" not in modules and "torch" not in modules
 
 
@@ -73,9 +73,9 @@ def test_an_artifact_runs_with_the_export_modules_uninstalled(tmp_path):
     import json
 
     import runtime.serving
-    from exporter.artifact import build_artifact
+    from exporter.write_artifact import build_artifact
     from graphs.options import ExportOptions
-    from exporter.generate import generate as torch_generate
+    from exporter.reference_generate import generate as torch_generate
     from exporter.loading import load_model
     from exporter.presets import TINY_DIR, resolve_checkpoint
     from runtime.tokenizer import LlamaTokenizer
@@ -92,7 +92,7 @@ def test_an_artifact_runs_with_the_export_modules_uninstalled(tmp_path):
 import json
 from runtime.artifact import Artifact
 from runtime.backends import open_backend
-from runtime.generate import generate
+from runtime.generation import generate
 from runtime.inflight import InflightBatcher, Request
 from runtime.serving.repository import write_repository
 from runtime.tokenizer import LlamaTokenizer

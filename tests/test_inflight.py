@@ -11,16 +11,16 @@ import threading
 import numpy as np
 import pytest
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.write_artifact import build_artifact
+from graphs.options import ExportOptions
 from runtime.artifact import Artifact
 from runtime.backends import open_backend
-from runtime.generate import generate
+from runtime.generation import generate
 from runtime.inflight import Busy, InflightBatcher, Request, RequestRejected
 from runtime.sampling import SamplingParams
+
 from conftest import small_config
 
 GQA = small_config(vocab_size=4096, max_position_embeddings=128, hidden_size=128, num_attention_heads=8,
@@ -279,7 +279,7 @@ def test_open_refuses_a_portable_artifact(tmp_path):
 def test_trt_static_engine_serves_the_same_interface(tmp_path, tokenizer):
     """The trt backend's slot cache (runtime/backends/trt.py) under the batcher: each request equals its solo run
     on the same engine. Needs TensorRT 11 and a CUDA GPU; skips (saying which is missing) elsewhere."""
-    from exporter.engine import build_engine, tensorrt_status
+    from exporter.trt_build import build_engine, tensorrt_status
     from exporter.trt_profiles import limits
 
     here = tensorrt_status()

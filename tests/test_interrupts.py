@@ -109,7 +109,7 @@ def test_export_interrupted_in_every_phase(tmp_path):
 
 @pytest.fixture(scope="module")
 def trt_ready(tmp_path_factory):
-    from exporter.artifact import build_artifact
+    from exporter.write_artifact import build_artifact
     from graphs.options import ExportOptions
     from exporter.checkpoint import truncate_layers
     from exporter.presets import TINY_DIR, resolve_checkpoint

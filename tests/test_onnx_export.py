@@ -10,15 +10,15 @@ import onnx
 import pytest
 import torch
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
-from runtime.artifact_format import sha256
 from exporter.checkpoint import RandomCheckpoint, truncate_layers
 from exporter.loading import load_model
 from exporter.onnx_export import io_contract
 from exporter.presets import resolve_checkpoint
+from exporter.write_artifact import build_artifact
+from graphs.options import ExportOptions
 from runtime import parity
+from runtime.artifact_format import sha256
+
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 from graph_helpers import cli, run_steps, session
 

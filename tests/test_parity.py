@@ -14,19 +14,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from exporter import calibration
-from exporter.artifact import build_artifact
-from graphs.options import ExportOptions
+from exporter import calibration_text
 from exporter.checkpoint import RandomCheckpoint
 from exporter.parity_cli import main
 from exporter.parity_run import (bisect_first, default_prompts, graph_copy, graph_feed, ort_layer_outputs,
                                  residual_outputs)
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.write_artifact import build_artifact
 from graphs import pipeline
+from graphs.options import ExportOptions
 from runtime import parity
 from runtime.artifact import Artifact
 from runtime.artifact_format import manifest_bytes, read_manifest, sha256
-from runtime.generate import left_pad
+from runtime.generation import left_pad
 from runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 
@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
     def get(target: str, kind: str) -> Path:
         if (target, kind) not in made:
             options = ExportOptions(target=target, **KINDS[kind])
-            sq = pipeline.SmoothQuant(calibration.sequences(tokenizer, calibration.DEFAULT_TEXT, 2048, 512),
+            sq = pipeline.SmoothQuant(calibration_text.sequences(tokenizer, calibration_text.DEFAULT_TEXT, 2048, 512),
                                       log=lambda m: None) if kind == "smoothquant" else None
             out = tmp_path_factory.mktemp(f"tiny-{kind}-{target}") / "artifact"
             build_artifact(ckpt, out, options, tokenizer=tokenizer, log=lambda m: None, smoothquant=sq,

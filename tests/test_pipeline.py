@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.loading import load_model
 from exporter.presets import resolve_checkpoint
-from graphs import trt_check
+from exporter.write_artifact import build_artifact
+from graphs import pipeline, trt_check
+from graphs.options import ExportOptions
 from graph_helpers import GQA
 from graph_helpers import run_steps, session
 
@@ -85,3 +85,26 @@ def test_manifest_records_every_pass(tmp_path):
     assert passes["packed projections (qkv, gate/up)"]["changed"] == 2 * GQA.num_hidden_layers
     assert manifest.graph.target == "onnx" and manifest.graph.optimized is True
     onnx.checker.check_model(str(tmp_path / "a" / "model.onnx"), full_check=True)
+
+
+def test_every_plan_keeps_the_order_its_passes_need():
+    """Each pass names the passes it needs before it; every target × quantization × cache plan keeps that order,
+    and a plan that breaks it is refused."""
+    calibration = pipeline.SmoothQuant([np.zeros((1, 4), np.int64)])
+    for target in ("onnx", "ort", "trt"):
+        for quantization in ("none", "int8", "int4", "w8a8"):
+            if quantization == "int4" and target != "ort":
+                continue
+            for kv_cache in ("portable", "static"):
+                options = ExportOptions(target=target, quantization=quantization, kv_cache=kv_cache)
+                steps = pipeline.plan(options, 64, calibration)
+                assert all(isinstance(s, ir.passes.InPlacePass) for s in steps)
+                keys = [s.key for s in steps]
+                assert keys[0] == "cleanup" and keys[-1] == "final_cleanup"
+                assert ("static_cache" in keys) == (kv_cache == "static")
+                assert ("quantize" in keys) == (quantization != "none") and ("gqa" in keys) == (target == "ort")
+    steps = pipeline.plan(ExportOptions(target="ort", quantization="int8"), 64)
+    swapped = [steps[0], steps[4], *steps[1:4], *steps[5:]]  # SkipSimplifiedLayerNormalization before RMSNorm
+    with pytest.raises(pipeline.PassError, match="'SkipSimplifiedLayerNormalization .*' must run after "
+                                                 "'RMSNormalization'"):
+        pipeline.check_order(swapped)

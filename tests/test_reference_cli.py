@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from exporter.generate import generate
 from exporter.loading import load_model
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.reference_generate import generate
 from runtime.tokenizer import LlamaTokenizer
 
 

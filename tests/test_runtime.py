@@ -10,16 +10,16 @@ import sys
 import numpy as np
 import pytest
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.write_artifact import build_artifact
+from graphs.options import ExportOptions
 from runtime.artifact import Artifact, ArtifactError
 from runtime.backends import OrtBackend, StaticOrtBackend, open_backend
-from runtime.generate import Generation, GenerationError, generate
+from runtime.generation import Generation, GenerationError, generate
 from runtime.hugepages import huge_pages_state
 from runtime.sampling import SamplingParams, filtered_probs, sample
+
 from conftest import PROMPTS, RUNTIME_CONFIGS as CONFIGS, hf_greedy
 
 @pytest.fixture(scope="module")

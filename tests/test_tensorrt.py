@@ -14,10 +14,10 @@ import onnx
 import pytest
 
 from exporter import fused_attention
-from exporter.engine import ENGINE_FILE, record_engine, tensorrt_status
 from exporter.errors import ExportError
 from exporter.onnx_export import io_contract
 from exporter.presets import resolve_checkpoint
+from exporter.trt_build import ENGINE_FILE, record_engine, tensorrt_status
 from exporter.trt_profiles import limits, profiles, to_polygraphy
 from graphs import trt_check
 from runtime.artifact import Artifact, ArtifactError

@@ -15,20 +15,20 @@ import onnx
 import pytest
 import torch
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
 from exporter.checkpoint import RandomCheckpoint
-from exporter.engine import build_engine, tensorrt_status
 from exporter.loading import load_model
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.trt_build import build_engine, tensorrt_status
 from exporter.trt_profiles import limits
+from exporter.write_artifact import build_artifact
 from graphs import trt_check
+from graphs.options import ExportOptions
 from runtime import parity
 from runtime.artifact import Artifact
 from runtime.backends import open_backend
-from runtime.generate import generate
+from runtime.generation import generate
 from runtime.tokenizer import LlamaTokenizer
+
 from conftest import PROMPTS, RUNTIME_CONFIGS as CONFIGS, hf_greedy
 from graph_helpers import padded_batch
 
@@ -89,7 +89,7 @@ def parse(path) -> list[str]:
     ("float16", True, False, None), ("float16", True, True, None), ("float16", False, False, 64)],
     ids=["fp32", "fp16", "bf16", "int8", "smoothquant", "static"])
 def test_tensorrt_parser_accepts_what_the_check_passes(tmp_path, dtype, int8, smoothquant, max_seq):
-    from exporter.calibration import DEFAULT_TEXT, sequences
+    from exporter.calibration_text import DEFAULT_TEXT, sequences
     from graphs.pipeline import SmoothQuant
 
     smooth = SmoothQuant(sequences(TINY_DIR / "tokenizer.model", DEFAULT_TEXT, 256, 64)) if smoothquant else None

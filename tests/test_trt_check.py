@@ -208,7 +208,7 @@ def test_scale_values_are_read_from_the_external_data(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_trt(tmp_path_factory):
     """tiny exported for trt in the two forms no other test file exports: bf16 and the static cache."""
-    from exporter.artifact import build_artifact
+    from exporter.write_artifact import build_artifact
     from graphs.options import ExportOptions
     from exporter.presets import resolve_checkpoint
 
@@ -224,7 +224,7 @@ def tiny_trt(tmp_path_factory):
 @pytest.mark.parametrize("name", ["bf16", "static"])
 def test_the_exported_trt_graphs_pass(tiny_trt, name):
     """(fp32, fp16, --int8 and --int8 --smoothquant trt graphs are exported, and so checked, by test_pipeline,
-    test_rule_weight_int8 and test_rule_smooth_quant; the export fails on any violation.)"""
+    test_pass_weight_quant and test_pass_smooth_quant; the export fails on any violation.)"""
     directory = tiny_trt[name]
     m = onnx.load(str(directory / "model.onnx"), load_external_data=False)
     assert check(m, base_dir=directory) == []
@@ -237,7 +237,7 @@ def test_the_exported_trt_graphs_pass(tiny_trt, name):
 def test_the_old_fp16_graph_fails_with_the_parsers_message(tmp_path):
     """The onnx target keeps softmax_precision (legal there): exactly the graph every fp16 trt export used to
     be; the check refuses each of its Attention nodes as the parser does."""
-    from exporter.artifact import build_artifact
+    from exporter.write_artifact import build_artifact
     from graphs.options import ExportOptions
     from exporter.presets import resolve_checkpoint
 

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import runtime.artifact as artifact_module
 from runtime.artifact import Artifact, ArtifactError, VerifiedFiles
+import runtime.artifact as artifact_module
 from runtime.artifact_format import manifest_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    from exporter.artifact import build_artifact
+    from exporter.write_artifact import build_artifact
     from graphs.options import ExportOptions
     from exporter.checkpoint import truncate_layers
     from exporter.presets import TINY_DIR, resolve_checkpoint

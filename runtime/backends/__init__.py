@@ -1,4 +1,4 @@
-"""Backends run one forward step of an artifact's graph: the same small interface for each engine.
+"""Backends run one forward step of an artifact's graph: the same small interface for ONNX Runtime, TensorRT and torch.
 
 The interface speaks the portable contract (a growing `[batch, total]` attention mask, a cache the
 backend returns and gets back). A backend adapts it to the graph flavour the manifest declares:
@@ -9,7 +9,7 @@ backend returns and gets back). A backend adapts it to the graph flavour the man
 The TensorRT backend (`trt.TrtBackend`) runs the engine `llama-build` adds to a trt artifact.
 The `torch` backend (the reference PyTorch model on the artifact's weights, for parity and as a baseline)
 lives with the reference model in `exporter` and is found through an entry point.
-Every backend says its context window (`max_length`): the model's, or less where the cache or engine is
+Every backend says its context window (`max_length`): the model's, or less where the cache or the TensorRT engine is
 smaller.
 
 Static backends (ort and trt) also serve a pool of sequences (`SlotBackend`): a slot cache whose rows each hold

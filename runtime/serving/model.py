@@ -1,11 +1,11 @@
-"""The Triton Python-backend model (decoupled): every request goes to the in-flight batching engine.
+"""The Triton Python-backend model (decoupled): every request goes to the in-flight batcher.
 
 `execute` checks each request's inputs, submits it to `runtime.inflight.InflightBatcher` and returns at once.
-The engine's thread hands each event to a queue; one sender thread of this model turns the events into
+The batcher's thread hands each event to a queue; one sender thread of this model turns the events into
 responses (`response_sender.send`, the last with TRITONSERVER_RESPONSE_COMPLETE_FINAL). Every SWEEP_S it asks
 each request in flight whether it was cancelled (`request.is_cancelled()`, an IPC to the server, so not once per
 token): a cancelled stream leaves the batch within about one decode step. It refreshes the gauges every GAUGES_S.
-Keeping Triton's IPC off the engine's thread keeps the engine stepping while responses are sent.
+Keeping Triton's IPC off the batcher's thread keeps the batcher stepping while responses are sent.
 
 `llama-triton` copies this file into REPO/NAME/1/model.py; the interface is `runtime.serving.interface`.
 """
@@ -62,7 +62,7 @@ def _text(value, name: str) -> str:
 
 
 class Live:
-    """One request in flight: its Triton request and sender, the engine's handle, what it asked for."""
+    """One request in flight: its Triton request and sender, the batcher's handle, what it asked for."""
 
     __slots__ = ("request", "sender", "handle", "stream", "prefix", "text", "tokens", "cancelled")
 
@@ -72,10 +72,10 @@ class Live:
         self.cancelled = False
 
     def check_cancelled(self) -> bool:
-        """Whether the client cancelled (or went away); if so the engine is told, once."""
+        """Whether the client cancelled (or went away); if so the batcher is told, once."""
         if not self.cancelled and self.handle is not None and self.request.is_cancelled():
             self.cancelled = True
-            self.handle.cancel()  # the engine drops the row within one step and sends the final event
+            self.handle.cancel()  # the batcher drops the row within one step and sends the final event
         return self.cancelled
 
 
@@ -123,7 +123,7 @@ class TritonPythonModel:
         self.f_queued = F(name=p + "queue_depth", description="Requests waiting for a slot", kind=F.GAUGE)
         self.m_queued = self.f_queued.Metric(labels=labels)
         self.f_shared = F(name=p + "max_running_in_a_step", kind=F.GAUGE,
-                          description="Most requests that shared one engine step so far")
+                          description="Most requests that shared one batcher step so far")
         self.m_shared = self.f_shared.Metric(labels=labels)
         self.steps_reported = 0
         self.gauges_at = 0.0
@@ -146,7 +146,7 @@ class TritonPythonModel:
     # ---- requests ----------------------------------------------------------------------------------------
 
     def _parse(self, request) -> tuple[Request, bool, str]:
-        """The engine's Request, whether to stream, and the text put before the answer."""
+        """The batcher's Request, whether to stream, and the text put before the answer."""
         text, ids = _values(request, "text_input"), _values(request, "input_ids")
         if text is None and ids is None:
             raise BadRequest("text_input is missing: give the prompt as text_input (BYTES, one element)")
@@ -199,10 +199,10 @@ class TritonPythonModel:
         for request in requests:
             live = None
             try:
-                engine_request, stream, prefix = self._parse(request)
+                batch_request, stream, prefix = self._parse(request)
                 live = Live(request, stream, prefix)
                 self.outbox.put(("register", live, None))  # before any of its events: the queue keeps the order
-                live.handle = self.batcher.submit(engine_request,
+                live.handle = self.batcher.submit(batch_request,
                                                   on_event=lambda e, live=live: self.outbox.put(("event", live, e)))
             except Exception as err:  # each request gets its own answer; the others in this call go on
                 message = str(err)
@@ -228,7 +228,7 @@ class TritonPythonModel:
     def _send(self, live: Live, response, flags=0):
         try:
             live.sender.send(response, flags=flags)
-        except Exception as err:  # a client gone: nothing to deliver to; the engine is told by the cancellation check
+        except Exception as err:  # a client gone: nothing to deliver to; the batcher is told by the cancellation check
             if live.handle is not None:
                 live.handle.cancel()
             if flags & FINAL:  # the request must still end, or the server counts it in flight and cannot stop

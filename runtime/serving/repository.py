@@ -31,7 +31,7 @@ class RepositoryError(ValueError):
 
 
 def check_artifact(directory: Path, backend: str) -> Artifact:
-    """The artifact, if the in-flight batching engine can serve it with `backend`; else a RepositoryError."""
+    """The artifact, if the in-flight batcher can serve it with `backend`; else a RepositoryError."""
     try:
         artifact = Artifact.open(directory)  # hashed once here; the verified-files record spares the model a second pass
     except ArtifactError as err:
@@ -64,7 +64,7 @@ def model_config(name: str, artifact: str, slots: int, queue: int, threads: int 
     for key, (dtype, _) in interface.OUTPUTS.items():
         config.output.add(name=key, data_type=mc.DataType.Value(dtype), dims=[-1])
     kind = mc.ModelInstanceGroup.KIND_GPU if backend == "trt" else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=1, kind=kind)  # one engine per model; its slots batch the requests
+    config.instance_group.add(count=1, kind=kind)  # one batcher per model; its slots batch the requests
     parameters = {interface.ARTIFACT: artifact, interface.SLOTS: str(slots), interface.QUEUE: str(queue),
                   interface.BACKEND: backend, interface.THREADS: str(threads or 0)}
     if env:
@@ -126,7 +126,7 @@ def write_repository(directory: Path, repo: Path, name: str = "llama", slots: in
               help="The model repository (created if missing); the model goes into REPO/NAME.")
 @click.option("--name", default="llama", show_default=True, help="The model's name in Triton's URLs.")
 @click.option("--slots", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Sequences decoded together in each step (the engine's batch).")
+              help="Sequences decoded together in each step (the in-flight batcher's batch).")
 @click.option("--queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a slot at most; past that a request is refused as busy.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: the runtime's).")

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import torch
 
 from graphs import pipeline
-from graphs.rules import packed_matmul, pointwise_conv, weight_int8
-from graphs.rules._tensors import ColumnConcat
+from graphs.passes import packed_matmul, pointwise_conv, weight_quant
+from graphs.passes._tensors import ColumnConcat
 from graph_helpers import GQA, assert_same_outputs, feeds, run, save, traced
 
 
@@ -67,7 +67,7 @@ def test_conv_weight_is_the_transpose_written_in_blocks():
 def test_float16_and_quantized_weights_are_left_alone(tmp_path):
     assert pointwise_conv.apply(packed(tmp_path / "fp16", "float16")) == 0
     model = packed(tmp_path / "int8")
-    quantized = weight_int8.apply(model, "matmulnbits")
+    quantized = weight_quant.apply(model, "matmulnbits")
     left = pipeline.op_counts(model).get("MatMul", 0)
     assert quantized > 0 and pointwise_conv.apply(model) == left
 

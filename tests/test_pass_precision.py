@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from graphs import pipeline
-from graphs.rules import precision
+from graphs.passes import precision
 from runtime.backends import ort_feed
 from graph_helpers import GQA, feeds, run, save, traced
 from graph_helpers import cli

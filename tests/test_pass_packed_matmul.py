@@ -4,7 +4,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphs import pipeline
-from graphs.rules import packed_matmul
+from graphs.passes import packed_matmul
 from graph_helpers import GQA, assert_same_outputs, save, traced
 
 

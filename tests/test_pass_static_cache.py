@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from graphs import pipeline, trt_check
-from graphs.rules import static_cache
+from graphs.passes import static_cache
 from runtime.backends import ort_feed
 from graph_helpers import GQA, SLOTS, assert_updates_in_place, cli, run, save, steps, traced
 

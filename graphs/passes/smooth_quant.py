@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from . import weight_int8
+from . import weight_quant
 from ._tensors import add_initializer, constant_matmuls, release
 
 Calibrate = Callable[[ir.Model, list[ir.Value]], dict[str, np.ndarray]]
@@ -30,7 +30,7 @@ Calibrate = Callable[[ir.Model, list[ir.Value]], dict[str, np.ndarray]]
 
 def _row_peaks(value: ir.Value) -> np.ndarray:
     t = value.const_value
-    return weight_int8.read_weight(t, lambda w: np.abs(w.astype(np.float32)).max(axis=1))
+    return weight_quant.read_weight(t, lambda w: np.abs(w.astype(np.float32)).max(axis=1))
 
 
 def _up_columns(x: ir.Value) -> tuple[ir.Value, slice] | None:
@@ -42,13 +42,13 @@ def _up_columns(x: ir.Value) -> tuple[ir.Value, slice] | None:
         producer = up.producer() if up is not None else None
         if producer is None:
             continue
-        if producer.op_type == "MatMul" and weight_int8.float_weight(producer.inputs[1]) is not None:
+        if producer.op_type == "MatMul" and weight_quant.float_weight(producer.inputs[1]) is not None:
             return producer.inputs[1], slice(0, producer.inputs[1].shape[1])
         if producer.op_type == "Split" and len(producer.inputs) > 1 and producer.inputs[1] is not None:
             source = producer.inputs[0].producer()
             sizes = producer.inputs[1].const_value
             if (source is None or source.op_type != "MatMul" or sizes is None
-                    or weight_int8.float_weight(source.inputs[1]) is None):
+                    or weight_quant.float_weight(source.inputs[1]) is None):
                 continue
             sizes = sizes.numpy().tolist()
             start = sum(sizes[:up.index()])
@@ -73,7 +73,7 @@ def _folds_into(x: ir.Value, readers: list[ir.Node]) -> tuple[str, ir.Value, sli
 def _activation_qdq(graph: ir.Graph, node: ir.Node, x: ir.Value, scale: float) -> None:
     dtype = x.dtype
     name = node.inputs[1].name
-    scale = max(scale, weight_int8.SCALE_FLOOR.get(dtype, 0.0))  # an fp16 scale must not round to 0
+    scale = max(scale, weight_quant.SCALE_FLOOR.get(dtype, 0.0))  # an fp16 scale must not round to 0
     s = add_initializer(graph, f"{name}.input_scale", ir.tensor(np.array(scale, dtype.numpy())))
     zero = add_initializer(graph, f"{name}.input_zero_point", ir.tensor(np.array(0, np.int8)))
     q = ir.node("QuantizeLinear", [x, s, zero], name=f"{name}/QuantizeLinear_input")
@@ -90,7 +90,7 @@ def apply(model: ir.Model, calibrate: Calibrate, alpha: float = 0.5, quantize: b
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha {alpha} is outside [0, 1]")
     graph = model.graph
-    groups = constant_matmuls(graph, weight_int8.float_weight)
+    groups = constant_matmuls(graph, weight_quant.float_weight)
     peaks = calibrate(model, list(groups))
     factors: dict[ir.Value, np.ndarray] = {}  # activation → s (its readers' weight rows are multiplied by s)
     cols: dict[str, tuple[slice, np.ndarray]] = {}  # weight name → (columns, 1/s) for folded down_proj smoothing
@@ -126,7 +126,7 @@ def apply(model: ir.Model, calibrate: Calibrate, alpha: float = 0.5, quantize: b
                     if col is not None:
                         out[:, col[0]] *= col[1]
                     return fn(out)
-                return weight_int8.read_weight(t, scaled)
+                return weight_quant.read_weight(t, scaled)
 
             done += 1
             if not quantize:
@@ -134,7 +134,7 @@ def apply(model: ir.Model, calibrate: Calibrate, alpha: float = 0.5, quantize: b
                     t.dtype.numpy())), dtype=t.dtype, shape=t.shape)
                 continue
             _activation_qdq(graph, node, x, input_scale[x])
-            weight_int8.qdq(graph, node, w, read)
+            weight_quant.qdq(graph, node, w, read)
             if not w.uses():
                 graph.initializers.pop(w.name)
     return done

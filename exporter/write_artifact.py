@@ -26,7 +26,7 @@ from runtime.artifact_format import (ExportRecord, FileRecord, GraphRecord, Mani
 
 from .checkpoint import Checkpoint, expected_tensors
 from .config import LlamaConfig
-from .engine import trt_section
+from .trt_build import trt_section
 from .errors import ExportError
 from .onnx_export import DATA_FILE, OPSET, io_contract, trace, write_weights
 from .staging import discard, phase, prepare_output, publish

@@ -3,7 +3,7 @@
 import onnx_ir as ir
 
 from graphs import pipeline
-from graphs.rules import rms_norm
+from graphs.passes import rms_norm
 from graph_helpers import GQA, assert_same_outputs, save, traced
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from exporter import calibration
-from exporter.artifact import build_artifact
-from graphs.options import ExportOptions
+from exporter import calibration_text
 from exporter.presets import TINY_DIR, resolve_checkpoint
+from exporter.write_artifact import build_artifact
 from graphs import calibrate, pipeline, trt_check
-from graphs.rules import packed_matmul, rms_norm, rotary, smooth_quant
+from graphs.options import ExportOptions
+from graphs.passes import packed_matmul, rms_norm, rotary, smooth_quant
 from graph_helpers import GQA, assert_same_outputs, perplexity, save, traced
 from graph_helpers import cli
 
@@ -82,7 +82,7 @@ def test_smoothquant_tiny_perplexity_within_three_percent(tmp_path, heldout_ids)
     ckpt = resolve_checkpoint("tiny")
     text = tmp_path / "calibration.txt"  # held-out text that does not overlap the evaluated first 20000 characters
     text.write_text((TINY_DIR / "heldout.txt").read_text()[100000:])
-    sequences = calibration.sequences(TINY_DIR / "tokenizer.model", text, 2048, 512)
+    sequences = calibration_text.sequences(TINY_DIR / "tokenizer.model", text, 2048, 512)
     build_artifact(ckpt, tmp_path / "fp32", ExportOptions(target="trt"), log=lambda m: None)
     manifest = build_artifact(ckpt, tmp_path / "w8a8", ExportOptions(target="trt", quantization="w8a8"),
                               log=lambda m: None, smoothquant=pipeline.SmoothQuant(sequences))

@@ -7,19 +7,19 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from exporter.artifact import build_artifact
-
-from graphs.options import ExportOptions
 from exporter.presets import resolve_checkpoint
+from exporter.write_artifact import build_artifact
 from graphs import pipeline, trt_check
-from graphs.rules import weight_int8
+from graphs.options import ExportOptions
+from graphs.passes import weight_quant
+
 from graph_helpers import assert_same_outputs, feeds, perplexity, run, save, traced
 from graph_helpers import cli
 
 
 def test_quantize_is_symmetric_per_output_channel():
     w = np.random.default_rng(0).standard_normal((64, 24)).astype(np.float32) * np.linspace(0.01, 3, 24)
-    q, scale = weight_int8.quantize(w)
+    q, scale = weight_quant.quantize(w)
     assert q.dtype == np.int8 and scale.shape == (24,) and np.abs(q).max() == 127
     np.testing.assert_allclose(scale, np.abs(w).max(0) / 127, rtol=1e-6)
     assert (np.abs(q * scale - w) <= scale / 2 + 1e-7).all()  # rounding error at most half a step per column
@@ -29,9 +29,9 @@ def test_fp16_scales_of_tiny_columns_stay_positive():
     """A column whose peak is below 127 × 6.1e-5 has a scale fp16 stores as a subnormal or 0, and TensorRT's
     parser refuses a scale that is not > 0: fp16 scales are floored at the smallest normal fp16."""
     w = np.array([[1e-7, 0.5], [-2e-7, 0.25]], np.float32)
-    assert weight_int8.scales(w).astype(np.float16)[0] == 0  # what an fp16 graph used to store
-    floor = weight_int8.SCALE_FLOOR[ir.DataType.FLOAT16]
-    q, scale = weight_int8.quantize(w, floor)
+    assert weight_quant.scales(w).astype(np.float16)[0] == 0  # what an fp16 graph used to store
+    floor = weight_quant.SCALE_FLOOR[ir.DataType.FLOAT16]
+    q, scale = weight_quant.quantize(w, floor)
     assert scale.astype(np.float16)[0] == np.finfo(np.float16).tiny and scale[1] == np.float32(0.5 / 127)
     assert (np.abs(q * scale - w) <= scale / 2 + 1e-9).all()  # still W ≈ q × scale
 
@@ -42,10 +42,10 @@ def test_qdq_and_matmulnbits_forms_agree(tmp_path):
     matmuls = pipeline.op_counts(model)["MatMul"]
     before = save(model, tmp_path / "before" / "model.onnx")
     forms = {}
-    for form in weight_int8.OPS:
+    for form in weight_quant.OPS:
         m = ir.load(str(before))
-        assert weight_int8.apply(m, form) == matmuls  # every projection and the lm_head
-        assert pipeline.op_counts(m)[weight_int8.OPS[form]] == matmuls
+        assert weight_quant.apply(m, form) == matmuls  # every projection and the lm_head
+        assert pipeline.op_counts(m)[weight_quant.OPS[form]] == matmuls
         forms[form] = save(m, tmp_path / form / "model.onnx")
     problems = trt_check.check(onnx.load(str(forms["qdq"]), load_external_data=False))
     assert problems == []
@@ -77,7 +77,7 @@ def test_int8_tiny_perplexity_within_one_percent(tmp_path, heldout_ids, target):
 
 def dequantized_int4(w: np.ndarray, block: int = 32) -> np.ndarray:
     """The float weight MatMulNBits bits=4 computes with: codes unpacked (low nibble first) − 8, × scale."""
-    packed, scales = weight_int8.int4_blocks(w, block)
+    packed, scales = weight_quant.int4_blocks(w, block)
     codes = np.empty(packed.shape[:2] + (block,), np.int16)
     codes[..., 0::2], codes[..., 1::2] = packed & 0x0F, packed >> 4
     full = ((codes - 8) * scales[..., None]).reshape(w.shape[1], -1).T
@@ -86,7 +86,7 @@ def dequantized_int4(w: np.ndarray, block: int = 32) -> np.ndarray:
 
 def test_int4_blocks_are_symmetric_per_block():
     w = np.random.default_rng(0).standard_normal((70, 24)).astype(np.float32) * np.linspace(0.01, 3, 24)
-    packed, scales = weight_int8.int4_blocks(w, 32)
+    packed, scales = weight_quant.int4_blocks(w, 32)
     assert packed.shape == (24, 3, 16) and packed.dtype == np.uint8 and scales.shape == (24, 3)
     np.testing.assert_allclose(scales[:, 0], np.abs(w[:32]).max(0) / 7, rtol=1e-6)
     np.testing.assert_allclose(scales[:, 2], np.abs(w[64:]).max(0) / 7, rtol=1e-6)  # the padded last block
@@ -102,12 +102,12 @@ def test_int4_matmulnbits_computes_with_its_dequantized_weights(tmp_path):
     before = save(model, tmp_path / "before" / "model.onnx")
     reference = ir.load(str(before))
     for node in reference.graph:  # the same graph, each weight replaced by what int4 represents
-        if node.op_type == "MatMul" and weight_int8.float_weight(node.inputs[1]) is not None:
+        if node.op_type == "MatMul" and weight_quant.float_weight(node.inputs[1]) is not None:
             w = node.inputs[1]
             w.const_value = ir.tensor(dequantized_int4(w.const_value.numpy()), name=w.name)
     reference_path = save(reference, tmp_path / "dequantized" / "model.onnx")
     matmuls = pipeline.op_counts(model)["MatMul"]
-    assert weight_int8.apply(model, "matmulnbits", bits=4) == matmuls
+    assert weight_quant.apply(model, "matmulnbits", bits=4) == matmuls
     nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(nodes) == matmuls and {n.attributes.get_int("bits") for n in nodes} == {4}
     after = save(model, tmp_path / "int4" / "model.onnx")
@@ -115,7 +115,7 @@ def test_int4_matmulnbits_computes_with_its_dequantized_weights(tmp_path):
     worst = assert_same_outputs(reference_path, after, tolerance=0.02)
     print(f"int4 MatMulNBits vs the same graph on its dequantized weights: within {worst:.3g} × the output scale")
     with pytest.raises(ValueError, match="int4 only matmulnbits"):
-        weight_int8.apply(ir.load(str(before)), "qdq", bits=4)
+        weight_quant.apply(ir.load(str(before)), "qdq", bits=4)
 
 
 def test_int4_tiny_perplexity(tmp_path, heldout_ids):
