@@ -28,7 +28,7 @@ python="$LLAMA_EXPORT_VENV/bin/python"
 import sys
 
 import torch
-from exporter.trt_build import tensorrt_status
+from llama_export.exporter.trt_build import tensorrt_status
 
 status = tensorrt_status()
 print(f"gpu_check: torch {torch.__version__} (CUDA {torch.version.cuda}); {status.reason}", file=sys.stderr)

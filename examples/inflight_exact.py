@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from runtime.generation import generate  # noqa: E402
-from runtime.inflight import InflightBatcher, Request  # noqa: E402
+from llama_export.runtime.generation import generate
+from llama_export.runtime.inflight import InflightBatcher, Request
 
 
 def main() -> None:

@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from runtime.bench import BandwidthProbe, bracketed_fractions  # noqa: E402
-from runtime.hugepages import pages_environ, relaunch_with_huge_pages  # noqa: E402
+from llama_export.runtime.bench import BandwidthProbe, bracketed_fractions
+from llama_export.runtime.hugepages import pages_environ, relaunch_with_huge_pages
 
 SHAPES = {
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -69,8 +68,8 @@ def checkpoint(work: Path, model: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from exporter.checkpoint import RandomCheckpoint
-    from exporter.config import LlamaConfig
+    from llama_export.exporter.checkpoint import RandomCheckpoint
+    from llama_export.exporter.config import LlamaConfig
 
     path = work / "checkpoint"
     if (path / "tokenizer_config.json").is_file():
@@ -90,7 +89,7 @@ def checkpoint(work: Path, model: str) -> Path:
 
         shutil.copyfile(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", path / "tokenizer.model")
     except ImportError:
-        from exporter.presets import TINY_DIR
+        from llama_export.exporter.presets import TINY_DIR
 
         shutil.copyfile(TINY_DIR / "tokenizer.model", path / "tokenizer.model")
     (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
@@ -130,7 +129,7 @@ def main() -> None:
     for name, flags in OURS.items():
         if not (work / name / "manifest.json").is_file():
             say(f"llama-export → {work / name}")
-            run([sys.executable, "-m", "exporter.cli", "--checkpoint", ckpt, "--fp32", "--no-verify", "-o", work / name,
+            run([sys.executable, "-m", "llama_export.exporter.cli", "--checkpoint", ckpt, "--fp32", "--no-verify", "-o", work / name,
                  *flags], cwd=ROOT)
     genai_dir = work / "genai"
     if "genai" in args.peers and not (genai_dir / "genai_config.json").is_file():
@@ -159,7 +158,7 @@ def main() -> None:
         for batch in args.batch:
             turns = []  # (system, command, extra arguments for run)
             for name in args.ours:  # llama-bench asks for huge pages itself
-                bench = [sys.executable, "-m", "runtime.bench", work / name, "--batch", batch, *common, "--json"]
+                bench = [sys.executable, "-m", "llama_export.runtime.bench", work / name, "--batch", batch, *common, "--json"]
                 turns.append((name, bench, {"cwd": ROOT}))
                 if args.page_variants and name == "ours-ort-static":
                     turns.append((f"{name}-4k", bench, {"cwd": ROOT, "env": pages_environ(False)}))

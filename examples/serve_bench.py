@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.load_bench import summary  # the same figures, named the same, as the in-process benchmark
+from llama_export.runtime.load_bench import summary  # the same figures, named the same, as the in-process benchmark
 
 
 def prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -61,7 +61,7 @@ def triton_stream(url: str, model: str):
     """A function(ids, new_tokens) -> list of (time, tokens) per response, over one gRPC stream per client."""
     import tritonclient.grpc as grpcclient
 
-    from runtime.serving.client import infer_inputs, is_final
+    from llama_export.runtime.serving.client import infer_inputs, is_final
 
     client = grpcclient.InferenceServerClient(url)
     got: queue.Queue = queue.Queue()

@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from runtime.hugepages import pages_environ  # noqa: E402
+from llama_export.runtime.hugepages import pages_environ
 
 WORKER = r"""
 import sys, time
@@ -39,9 +38,9 @@ class QuietOptions(ort.SessionOptions):  # no spinning: the other worker runs wh
         self.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
 ort.SessionOptions = QuietOptions
-from runtime.artifact import Artifact
-from runtime.backends import open_backend
-from runtime.generation import decode_one_token, prefill
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.backends import open_backend
+from llama_export.runtime.generation import decode_one_token, prefill
 
 artifact = Artifact.open(sys.argv[1])
 batch, vocab = int(sys.argv[2]), artifact.config["vocab_size"]

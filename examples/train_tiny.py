@@ -18,7 +18,6 @@ import io
 import json
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from exporter.config import LlamaConfig  # noqa: E402
-from exporter.model import LlamaForCausalLM  # noqa: E402
+from llama_export.exporter.config import LlamaConfig
+from llama_export.exporter.model import LlamaForCausalLM
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 SECTIONS = ("tutorial", "howto", "faq", "reference", "library", "whatsnew")

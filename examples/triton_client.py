@@ -26,7 +26,7 @@ def stream_grpc(url: str, model: str, question: str, max_tokens: int):
     """Yield the answer's pieces as the server sends them (gRPC bidirectional streaming)."""
     import tritonclient.grpc as grpcclient
 
-    from runtime.serving.client import infer_inputs, is_final
+    from llama_export.runtime.serving.client import infer_inputs, is_final
 
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()

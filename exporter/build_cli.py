@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from runtime.artifact import Artifact, ArtifactError
+from llama_export.runtime.artifact import Artifact, ArtifactError
 
 from . import fused_attention
 from .trt_build import EXIT_NO_TENSORRT, build_engine, describe, tensorrt_status

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.tokenizer import LlamaTokenizer
+from llama_export.runtime.tokenizer import LlamaTokenizer
 
 from .errors import ExportError
 from .presets import TINY_DIR

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from graphs.options import ExportOptions, OptionsError
-from runtime.artifact_format import Manifest
+from llama_export.graphs.options import ExportOptions, OptionsError
+from llama_export.runtime.artifact_format import Manifest
 
 from . import fused_attention
 from .checkpoint import truncate_layers
@@ -131,7 +131,8 @@ def main(model_name, checkpoint, random_weights, seed, dtype, target, build, opt
         c = ckpt.config
         if tokenizer is not None:
             check_vocabulary(tokenizer, c)
-        from graphs import pipeline  # the heavy imports (torch, onnx, the graph passes), once the input is known good
+        # the heavy imports (torch, onnx, the graph passes), once the input is known good
+        from llama_export.graphs import pipeline
 
         from . import calibration_text
         from .write_artifact import build_artifact

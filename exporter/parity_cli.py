@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from runtime.artifact import Artifact, ArtifactError
-from runtime.backends import BACKENDS
+from llama_export.runtime.artifact import Artifact, ArtifactError
+from llama_export.runtime.backends import BACKENDS
 
 from .errors import ExportError
 
@@ -155,7 +155,7 @@ def main(directory, reference, model_name, backend, prompts_file, steps, per_lay
         if artifact.tokenizer_path is None:
             raise ExportError(f"{directory}: the artifact has no tokenizer.model, which the prompts and the text "
                               f"need; re-export with --tokenizer PATH")
-        from runtime.tokenizer import LlamaTokenizer
+        from llama_export.runtime.tokenizer import LlamaTokenizer
 
         tokenizer = LlamaTokenizer(artifact.tokenizer_path)
         prompts = parity_run.read_prompts(prompts_file, artifact, tokenizer) if prompts_file \

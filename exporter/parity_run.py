@@ -31,12 +31,12 @@ import numpy as np
 import onnx
 import torch
 
-from runtime import parity
-from runtime.artifact import Artifact
-from runtime.backends import open_backend
-from runtime.chat import chat_prompt_ids
-from runtime.generation import left_pad
-from runtime.tokenizer import LlamaTokenizer
+from llama_export.runtime import parity
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.backends import open_backend
+from llama_export.runtime.chat import chat_prompt_ids
+from llama_export.runtime.generation import left_pad
+from llama_export.runtime.tokenizer import LlamaTokenizer
 
 from .checkpoint import Checkpoint, RandomCheckpoint, open_checkpoint, truncate_layers
 from .config import LlamaConfig

@@ -112,7 +112,7 @@ def find_tokenizer(model_name: str, checkpoint: Path | None, explicit: Path | No
 
 def check_vocabulary(tokenizer: Path, config: LlamaConfig) -> None:
     """Refuse a tokenizer whose ids can exceed the model's vocabulary (its embedding would be read out of range)."""
-    from runtime.tokenizer import LlamaTokenizer
+    from llama_export.runtime.tokenizer import LlamaTokenizer
 
     pieces = LlamaTokenizer(tokenizer).vocab_size
     if pieces > config.vocab_size:
@@ -121,7 +121,7 @@ def check_vocabulary(tokenizer: Path, config: LlamaConfig) -> None:
 
 
 def _readable_tokenizer(path: Path) -> Path:
-    from runtime.tokenizer import LlamaTokenizer, TokenizerError
+    from llama_export.runtime.tokenizer import LlamaTokenizer, TokenizerError
 
     try:
         LlamaTokenizer(path)

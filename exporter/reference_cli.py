@@ -11,8 +11,8 @@ import click
 from .cli_options import dtype_option, model_options
 from .errors import ExportError
 from .presets import check_vocabulary, find_tokenizer, resolve_checkpoint
-from runtime.chat import ChatFormatError, chat_prompt_ids
-from runtime.tokenizer import LlamaTokenizer, TokenizerError
+from llama_export.runtime.chat import ChatFormatError, chat_prompt_ids
+from llama_export.runtime.tokenizer import LlamaTokenizer, TokenizerError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,8 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from runtime.artifact_format import (BuildLimits, EngineRecord, FileRecord, GraphRecord, Manifest, TensorRTRecord,
-                                     manifest_bytes, parse_manifest, sha256)
+from llama_export.runtime.artifact_format import (BuildLimits, EngineRecord, FileRecord, GraphRecord, Manifest,
+                                                  TensorRTRecord, manifest_bytes, parse_manifest, sha256)
 
 from . import fused_attention
 from .errors import ExportError

@@ -13,7 +13,7 @@ sequence 1…max-input with opt 1 (decode steps dominate).
 
 from __future__ import annotations
 
-from runtime.artifact_format import BuildLimits, GraphRecord
+from llama_export.runtime.artifact_format import BuildLimits, GraphRecord
 
 from .errors import ExportError
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import Artifact
-from runtime.artifact_format import Manifest
-from runtime.backends import NUMPY_DTYPES
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.artifact_format import Manifest
+from llama_export.runtime.backends import NUMPY_DTYPES
 
 from .checkpoint import Checkpoint
 
@@ -60,8 +60,8 @@ def verify_artifact(directory: Path, manifest: Manifest, ckpt: Checkpoint, dtype
     reason = too_large(ckpt, dtype, forced)
     if reason:
         return {"skipped": reason}
-    from runtime import parity
-    from runtime.tokenizer import LlamaTokenizer
+    from llama_export.runtime import parity
+    from llama_export.runtime.tokenizer import LlamaTokenizer
 
     from .parity_run import Request, default_prompts, run
 

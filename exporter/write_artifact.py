@@ -19,10 +19,11 @@ from typing import Callable
 
 import onnx
 
-from graphs import pipeline
-from graphs.options import ExportOptions, OptionsError
-from runtime.artifact_format import (ExportRecord, FileRecord, GraphRecord, Manifest, ModelRecord, manifest_bytes,
-                                     parse_manifest, sha256)  # the contract the runtime reads
+from llama_export.graphs import pipeline
+from llama_export.graphs.options import ExportOptions, OptionsError
+# the contract the runtime reads
+from llama_export.runtime.artifact_format import (ExportRecord, FileRecord, GraphRecord, Manifest, ModelRecord,
+                                                  manifest_bytes, parse_manifest, sha256)
 
 from .checkpoint import Checkpoint, expected_tensors
 from .config import LlamaConfig

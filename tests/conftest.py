@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.config import LlamaConfig
+from llama_export.exporter.config import LlamaConfig
 
 torch.set_num_threads(2)
 
@@ -29,7 +29,7 @@ def one_trace_per_configuration():
     trace. A command exports once per process, so this memo lives with the tests, not in the exporter."""
     import onnx
 
-    from exporter import onnx_export, write_artifact
+    from llama_export.exporter import onnx_export, write_artifact
 
     traces: dict[str, bytes] = {}
 
@@ -139,8 +139,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="module")
 def tokenizer():
     """The runtime's tokenizer on the trained `tiny` preset's sentencepiece model."""
-    from exporter.presets import TINY_DIR
-    from runtime.tokenizer import LlamaTokenizer
+    from llama_export.exporter.presets import TINY_DIR
+    from llama_export.runtime.tokenizer import LlamaTokenizer
 
     return LlamaTokenizer(TINY_DIR / "tokenizer.model")
 
@@ -150,8 +150,8 @@ def heldout_ids():
     """1024 tokens of the trained `tiny` preset's held-out text, [1, 1024]."""
     import numpy as np
 
-    from exporter.presets import TINY_DIR
-    from runtime.tokenizer import LlamaTokenizer
+    from llama_export.exporter.presets import TINY_DIR
+    from llama_export.runtime.tokenizer import LlamaTokenizer
 
     tok = LlamaTokenizer(TINY_DIR / "tokenizer.model")
     return np.array([tok.encode((TINY_DIR / "heldout.txt").read_text()[:20000])[:1024]])

@@ -11,11 +11,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-from exporter.checkpoint import RandomCheckpoint
-from exporter.write_artifact import build_artifact
-from graphs.options import ExportOptions
-from runtime import parity
-from runtime.backends import ort_feed
+from llama_export.exporter.checkpoint import RandomCheckpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs.options import ExportOptions
+from llama_export.runtime import parity
+from llama_export.runtime.backends import ort_feed
 
 
 from conftest import small_config
@@ -156,8 +156,8 @@ def run_steps(sess, model, config, np_dtype, prefill_keep: int, decode_steps: in
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`llama-export ARGS` (as `python -m exporter.cli`), its output captured."""
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
+    """`llama-export ARGS` (as `python -m llama_export.exporter.cli`), its output captured."""
+    return subprocess.run([sys.executable, "-m", "llama_export.exporter.cli", *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd)
 
 

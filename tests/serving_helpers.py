@@ -14,14 +14,14 @@ from pathlib import Path
 
 import httpx
 
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs.options import ExportOptions
-from runtime.artifact import Artifact
-from runtime.backends import open_backend
-from runtime.generation import generate
-from runtime.sampling import SamplingParams
-from runtime.tokenizer import LlamaTokenizer
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs.options import ExportOptions
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.backends import open_backend
+from llama_export.runtime.generation import generate
+from llama_export.runtime.sampling import SamplingParams
+from llama_export.runtime.tokenizer import LlamaTokenizer
 
 
 WINDOW = 512  # long enough that a request outlives the client cancelling it, even on a loaded machine
@@ -109,7 +109,7 @@ class Served:
 
 def orphaned_shm(before: set[str]) -> set[str]:
     """Python-backend segments made since `before` that no process maps (another server's live ones are mapped)."""
-    from runtime.serving.server import mapped_paths
+    from llama_export.runtime.serving.server import mapped_paths
 
     return set(glob.glob(SHM)) - before - mapped_paths()
 

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from exporter.checkpoint import truncate_layers
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.trt_build import record_engine
-from exporter.write_artifact import build_artifact
-from graphs.options import ExportOptions, OptionsError
-from runtime.artifact import Artifact
-from runtime.artifact_format import SEAL, ArtifactError, Manifest, manifest_bytes, read_manifest
+from llama_export.exporter.checkpoint import truncate_layers
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.trt_build import record_engine
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs.options import ExportOptions, OptionsError
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.artifact_format import SEAL, ArtifactError, Manifest, manifest_bytes, read_manifest
 
 
 @pytest.fixture(scope="module")

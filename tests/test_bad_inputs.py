@@ -35,8 +35,8 @@ from conftest import small_config  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "bad-inputs.md"
 TINY = ROOT / "exporter" / "assets" / "tiny"
-MODULES = {"llama-export": "exporter.cli", "llama-build": "exporter.build_cli", "llama-reference": "exporter.reference_cli",
-           "llama-generate": "runtime.cli", "llama-chat": "runtime.chat_cli", "llama-bench": "runtime.bench"}
+MODULES = {"llama-export": "llama_export.exporter.cli", "llama-build": "llama_export.exporter.build_cli", "llama-reference": "llama_export.exporter.reference_cli",
+           "llama-generate": "llama_export.runtime.cli", "llama-chat": "llama_export.runtime.chat_cli", "llama-bench": "llama_export.runtime.bench"}
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def _meta_without_shards(case: Path) -> None:
 def _manifest(change: Callable[[dict], None]) -> Callable[[Path], None]:
     """Change the artifact's manifest as someone who rewrites it whole would: sealed again (manifest_bytes)."""
     def make(case: Path) -> None:
-        from runtime.artifact_format import manifest_bytes
+        from llama_export.runtime.artifact_format import manifest_bytes
 
         file = case / "copy" / "manifest.json"
         manifest = json.loads(file.read_text())
@@ -527,11 +527,11 @@ def shared(tmp_path_factory):
     """A small safetensors checkpoint (no tokenizer) and a trt-ready tiny artifact (1 layer), both never changed."""
     from conftest import write_safetensors_checkpoint
 
-    from exporter.write_artifact import build_artifact
+    from llama_export.exporter.write_artifact import build_artifact
 
-    from graphs.options import ExportOptions
-    from exporter.checkpoint import RandomCheckpoint, truncate_layers
-    from exporter.presets import resolve_checkpoint
+    from llama_export.graphs.options import ExportOptions
+    from llama_export.exporter.checkpoint import RandomCheckpoint, truncate_layers
+    from llama_export.exporter.presets import resolve_checkpoint
 
     root = tmp_path_factory.mktemp("bad-inputs")
     config = small_config()

@@ -8,10 +8,10 @@ import pickle
 import pytest
 import torch
 
-from exporter.checkpoint import BinCheckpoint, MetaCheckpoint, RandomCheckpoint, SafetensorsCheckpoint, open_checkpoint
-from exporter.config import LlamaConfig
-from exporter.errors import ExportError
-from exporter.loading import load_model
+from llama_export.exporter.checkpoint import BinCheckpoint, MetaCheckpoint, RandomCheckpoint, SafetensorsCheckpoint, open_checkpoint
+from llama_export.exporter.config import LlamaConfig
+from llama_export.exporter.errors import ExportError
+from llama_export.exporter.loading import load_model
 from conftest import hf_to_meta, small_config, state_dict, transformers_model, write_safetensors_checkpoint
 
 

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.chat import ChatFormatError, chat_prompt_ids
-from runtime.sampling import SamplingParams, filtered_probs, sample
-from runtime.tokenizer import LlamaTokenizer, TokenizerError
+from llama_export.runtime.chat import ChatFormatError, chat_prompt_ids
+from llama_export.runtime.sampling import SamplingParams, filtered_probs, sample
+from llama_export.runtime.tokenizer import LlamaTokenizer, TokenizerError
 
 FUZZ = settings(derandomize=True, max_examples=60, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -110,9 +110,9 @@ def test_sampling_parameters(temperature, top_k, top_p, min_p, penalty, seed, lo
     assert math.isfinite(params.temperature)
 
 
-COMMANDS = {"llama-export": "exporter.cli", "llama-build": "exporter.build_cli",
-            "llama-reference": "exporter.reference_cli", "llama-generate": "runtime.cli",
-            "llama-chat": "runtime.chat_cli", "llama-bench": "runtime.bench"}
+COMMANDS = {"llama-export": "llama_export.exporter.cli", "llama-build": "llama_export.exporter.build_cli",
+            "llama-reference": "llama_export.exporter.reference_cli", "llama-generate": "llama_export.runtime.cli",
+            "llama-chat": "llama_export.runtime.chat_cli", "llama-bench": "llama_export.runtime.bench"}
 VALUES = st.one_of(st.integers(-(2**70), 2**70).map(str), numbers.map(str), st.text(max_size=12),
                    st.sampled_from(["", "-", "--", "nan", "-1", "0", "1e309", "tiny", "--help"]))
 

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from runtime.hugepages import SWITCH, TUNABLE, huge_pages_state, pages_environ
+from llama_export.runtime.hugepages import SWITCH, TUNABLE, huge_pages_state, pages_environ
 
 # relaunch, then map 64 MiB through malloc (a bytearray: Python's own allocator, not numpy's madvise) and touch it
 CHILD = """
 import json, os, sys
-from runtime.hugepages import anon_huge_pages_bytes, huge_pages_state, relaunch_with_huge_pages
+from llama_export.runtime.hugepages import anon_huge_pages_bytes, huge_pages_state, relaunch_with_huge_pages
 relaunch_with_huge_pages()
 block = bytearray(64 << 20)
 block[::4096] = b"x" * len(block[::4096])

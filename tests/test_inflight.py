@@ -11,15 +11,15 @@ import threading
 import numpy as np
 import pytest
 
-from exporter.checkpoint import RandomCheckpoint
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs.options import ExportOptions
-from runtime.artifact import Artifact
-from runtime.backends import open_backend
-from runtime.generation import generate
-from runtime.inflight import Busy, InflightBatcher, Request, RequestRejected
-from runtime.sampling import SamplingParams
+from llama_export.exporter.checkpoint import RandomCheckpoint
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs.options import ExportOptions
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.backends import open_backend
+from llama_export.runtime.generation import generate
+from llama_export.runtime.inflight import Busy, InflightBatcher, Request, RequestRejected
+from llama_export.runtime.sampling import SamplingParams
 
 from conftest import small_config
 
@@ -197,7 +197,7 @@ def test_llama_generate_batches_a_static_artifact_through_the_engine(artifacts, 
     (each prompt samples with a generator of its own)."""
     artifact, backend = artifacts("tiny")
     prompts = ["A list comprehension", "The tutorial explains how", "Hello"]
-    out = subprocess.run([sys.executable, "-m", "runtime.cli", str(artifact.directory),
+    out = subprocess.run([sys.executable, "-m", "llama_export.runtime.cli", str(artifact.directory),
                           *[arg for p in prompts for arg in ("--prompt", p)], "--json", "--max-new-tokens", "12",
                           "--temperature", "0.9", "--seed", "4"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -279,8 +279,8 @@ def test_open_refuses_a_portable_artifact(tmp_path):
 def test_trt_static_engine_serves_the_same_interface(tmp_path, tokenizer):
     """The trt backend's slot cache (runtime/backends/trt.py) under the batcher: each request equals its solo run
     on the same engine. Needs TensorRT 11 and a CUDA GPU; skips (saying which is missing) elsewhere."""
-    from exporter.trt_build import build_engine, tensorrt_status
-    from exporter.trt_profiles import limits
+    from llama_export.exporter.trt_build import build_engine, tensorrt_status
+    from llama_export.exporter.trt_profiles import limits
 
     here = tensorrt_status()
     if not here.usable:
@@ -302,7 +302,7 @@ def test_trt_static_engine_serves_the_same_interface(tmp_path, tokenizer):
 
 def test_load_bench_reports_consistent_figures(artifacts):
     artifact, _ = artifacts("gqa")
-    out = subprocess.run([sys.executable, "-m", "runtime.load_bench", str(artifact.directory), "--concurrency", "1,4",
+    out = subprocess.run([sys.executable, "-m", "llama_export.runtime.load_bench", str(artifact.directory), "--concurrency", "1,4",
                           "--requests", "6", "--prompt-len", "16", "--gen-len", "10", "--settle", "0", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -316,6 +316,6 @@ def test_load_bench_reports_consistent_figures(artifacts):
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p95_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p95_ms"]
     assert runs["1 clients"]["occupancy"] == pytest.approx(0.25, abs=0.01)  # one row of 4 slots in every step
     assert 0.25 < runs["4 clients"]["occupancy"] <= 1 and report["peak_rss_mb"] > 50
-    bad = subprocess.run([sys.executable, "-m", "runtime.load_bench", str(artifact.directory), "--concurrency", "0,2"],
+    bad = subprocess.run([sys.executable, "-m", "llama_export.runtime.load_bench", str(artifact.directory), "--concurrency", "0,2"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give client counts ≥ 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.staging import PHASES
-from runtime.artifact import Artifact
+from llama_export.exporter.staging import PHASES
+from llama_export.runtime.artifact import Artifact
 
 ROOT = Path(__file__).resolve().parent.parent
 # a quick export that has every phase: the traced graph as it is (the phase hook pauses even where a phase has
@@ -71,7 +71,7 @@ def test_export_interrupted_in_every_phase(tmp_path):
     for name, sig in CLEAN:
         where = tmp_path / f"{sig.name}-{name.replace(' ', '-')}"
         where.mkdir()
-        clean.append((name, start("exporter.cli", [*EXPORT, "-o", str(where / "out")], pause_at=name, pause_s=600),
+        clean.append((name, start("llama_export.exporter.cli", [*EXPORT, "-o", str(where / "out")], pause_at=name, pause_s=600),
                       sig, where))
     for name, proc, sig, where in clean:
         earlier = wait_for_pause(proc)
@@ -88,7 +88,7 @@ def test_export_interrupted_in_every_phase(tmp_path):
     killed.mkdir()
     left = None  # the temporary directory the previous SIGKILL left
     for name in (*PHASES, None):
-        proc = start("exporter.cli", [*EXPORT, "-o", str(killed / "out")], pause_at=name)
+        proc = start("llama_export.exporter.cli", [*EXPORT, "-o", str(killed / "out")], pause_at=name)
         earlier = wait_for_pause(proc) if name else []
         if name:
             proc.send_signal(signal.SIGKILL)
@@ -109,10 +109,10 @@ def test_export_interrupted_in_every_phase(tmp_path):
 
 @pytest.fixture(scope="module")
 def trt_ready(tmp_path_factory):
-    from exporter.write_artifact import build_artifact
-    from graphs.options import ExportOptions
-    from exporter.checkpoint import truncate_layers
-    from exporter.presets import TINY_DIR, resolve_checkpoint
+    from llama_export.exporter.write_artifact import build_artifact
+    from llama_export.graphs.options import ExportOptions
+    from llama_export.exporter.checkpoint import truncate_layers
+    from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
 
     out = tmp_path_factory.mktemp("trt") / "art"
     build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), out, ExportOptions(target="trt"),
@@ -125,7 +125,7 @@ def test_build_interrupted_in_each_phase_it_has_here(trt_ready):
     runs = {}
     for sig in SIGNALS:
         for name in ("checking", "profiles"):
-            proc = start("exporter.build_cli", [str(trt_ready), "--dry-run"], pause_at=name)
+            proc = start("llama_export.exporter.build_cli", [str(trt_ready), "--dry-run"], pause_at=name)
             runs[sig, name] = proc, wait_for_pause(proc)
             proc.send_signal(sig)
     for (sig, name), (proc, earlier) in runs.items():
@@ -137,7 +137,7 @@ def test_build_interrupted_in_each_phase_it_has_here(trt_ready):
             assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
                 f"error: interrupted by {sig.name}; {trt_ready} is as it was (no engine written)"], stderr
         assert {p.name: p.read_bytes() for p in trt_ready.iterdir()} == before, (sig, name)
-    code, stderr = finish(start("exporter.build_cli", [str(trt_ready), "--dry-run"]), [])
+    code, stderr = finish(start("llama_export.exporter.build_cli", [str(trt_ready), "--dry-run"]), [])
     assert code == 0, stderr
 
 
@@ -146,9 +146,9 @@ def test_two_exports_to_one_directory(tmp_path):
     clearly; the first then finishes, and the directory is wholly the first's. Then two started together: one
     wins, the other fails clearly, never a mix."""
     out = tmp_path / "out"
-    first = start("exporter.cli", [*EXPORT, "--verify", "-o", str(out)], pause_at="verifying")
+    first = start("llama_export.exporter.cli", [*EXPORT, "--verify", "-o", str(out)], pause_at="verifying")
     earlier = wait_for_pause(first)
-    second = start("exporter.cli", [*EXPORT, "--no-verify", "-o", str(out), "--force"])
+    second = start("llama_export.exporter.cli", [*EXPORT, "--no-verify", "-o", str(out), "--force"])
     code, stderr = finish(second, [])
     assert code == 2 and "Traceback" not in stderr, stderr
     assert f"error: another llama-export (pid {first.pid}) is writing {out} right now; wait for it to finish, " \
@@ -160,7 +160,7 @@ def test_two_exports_to_one_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     race = tmp_path / "race"
-    procs = {flag: start("exporter.cli", [*EXPORT, flag, "-o", str(race)]) for flag in ("--verify", "--no-verify")}
+    procs = {flag: start("llama_export.exporter.cli", [*EXPORT, flag, "-o", str(race)]) for flag in ("--verify", "--no-verify")}
     results = {flag: finish(proc, []) for flag, proc in procs.items()}
     winners = [flag for flag, (code, _) in results.items() if code == 0]
     assert len(winners) == 1, results

@@ -10,14 +10,14 @@ import onnx
 import pytest
 import torch
 
-from exporter.checkpoint import RandomCheckpoint, truncate_layers
-from exporter.loading import load_model
-from exporter.onnx_export import io_contract
-from exporter.presets import resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs.options import ExportOptions
-from runtime import parity
-from runtime.artifact_format import sha256
+from llama_export.exporter.checkpoint import RandomCheckpoint, truncate_layers
+from llama_export.exporter.loading import load_model
+from llama_export.exporter.onnx_export import io_contract
+from llama_export.exporter.presets import resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs.options import ExportOptions
+from llama_export.runtime import parity
+from llama_export.runtime.artifact_format import sha256
 
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 from graph_helpers import cli, run_steps, session
@@ -242,8 +242,8 @@ def test_cli_unconvertible_dtype_leaves_no_partial_artifact(tmp_path):
 def test_verification_budget():
     """The automatic check stays within its budget (so the whole command stays bounded); --verify lifts it
     up to the available memory, and a model that cannot fit twice is never checked."""
-    from exporter.presets import PRESETS
-    from exporter.verify import AUTO_BUDGET, available_memory, too_large, verification_memory
+    from llama_export.exporter.presets import PRESETS
+    from llama_export.exporter.verify import AUTO_BUDGET, available_memory, too_large, verification_memory
 
     two_layers = truncate_layers(RandomCheckpoint(PRESETS["13b"]), 2)  # 0.96 B parameters
     need = verification_memory(two_layers, "float16")

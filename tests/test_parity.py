@@ -14,20 +14,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from exporter import calibration_text
-from exporter.checkpoint import RandomCheckpoint
-from exporter.parity_cli import main
-from exporter.parity_run import (bisect_first, default_prompts, graph_copy, graph_feed, ort_layer_outputs,
+from llama_export.exporter import calibration_text
+from llama_export.exporter.checkpoint import RandomCheckpoint
+from llama_export.exporter.parity_cli import main
+from llama_export.exporter.parity_run import (bisect_first, default_prompts, graph_copy, graph_feed, ort_layer_outputs,
                                  residual_outputs)
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs import pipeline
-from graphs.options import ExportOptions
-from runtime import parity
-from runtime.artifact import Artifact
-from runtime.artifact_format import manifest_bytes, read_manifest, sha256
-from runtime.generation import left_pad
-from runtime.tokenizer import LlamaTokenizer
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs import pipeline
+from llama_export.graphs.options import ExportOptions
+from llama_export.runtime import parity
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.artifact_format import manifest_bytes, read_manifest, sha256
+from llama_export.runtime.generation import left_pad
+from llama_export.runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 
 KINDS = {"fp32": {}, "fp16": dict(dtype="float16"), "int8": dict(quantization="int8"),

@@ -8,9 +8,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphs import pipeline
-from graphs.passes import ort_gqa, ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, static_cache
-from runtime.backends import ort_feed
+from llama_export.graphs import pipeline
+from llama_export.graphs.passes import ort_gqa, ort_rotary, packed_matmul, rms_norm, rotary, skip_rms_norm, static_cache
+from llama_export.runtime.backends import ort_feed
 from conftest import small_config
 from graph_helpers import GQA, assert_same_outputs, assert_updates_in_place, run, save, traced
 from graph_helpers import SLOTS, steps

@@ -3,8 +3,8 @@
 import numpy as np
 import onnx_ir as ir
 
-from graphs import pipeline
-from graphs.passes import packed_matmul
+from llama_export.graphs import pipeline
+from llama_export.graphs.passes import packed_matmul
 from graph_helpers import GQA, assert_same_outputs, save, traced
 
 

@@ -9,9 +9,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-from graphs import pipeline
-from graphs.passes import packed_matmul, pointwise_conv, weight_quant
-from graphs.passes._tensors import ColumnConcat
+from llama_export.graphs import pipeline
+from llama_export.graphs.passes import packed_matmul, pointwise_conv, weight_quant
+from llama_export.graphs.passes._tensors import ColumnConcat
 from graph_helpers import GQA, assert_same_outputs, feeds, run, save, traced
 
 
@@ -107,7 +107,7 @@ def test_the_vocabulary_projection_is_split_into_chunks(tmp_path):
     """The logits' Conv in output-channel chunks of at most `head_chunk_bytes` each, joined on the channel axis:
     the same outputs as the MatMul (plain ONNX Runtime, and with its NCHWc rewrite, which keeps the join in NCHWc),
     and the torch backend reads the weight back whole. The layers' projections stay whole."""
-    from exporter.torch_backend import reference_weights
+    from llama_export.exporter.torch_backend import reference_weights
 
     model = packed(tmp_path)
     before = save(model, tmp_path / "before" / "model.onnx")

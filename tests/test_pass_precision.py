@@ -9,9 +9,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphs import pipeline
-from graphs.passes import precision
-from runtime.backends import ort_feed
+from llama_export.graphs import pipeline
+from llama_export.graphs.passes import precision
+from llama_export.runtime.backends import ort_feed
 from graph_helpers import GQA, feeds, run, save, traced
 from graph_helpers import cli
 

@@ -2,8 +2,8 @@
 
 import onnx_ir as ir
 
-from graphs import pipeline
-from graphs.passes import rms_norm
+from llama_export.graphs import pipeline
+from llama_export.graphs.passes import rms_norm
 from graph_helpers import GQA, assert_same_outputs, save, traced
 
 

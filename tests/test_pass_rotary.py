@@ -4,8 +4,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphs import pipeline
-from graphs.passes import rotary
+from llama_export.graphs import pipeline
+from llama_export.graphs.passes import rotary
 from graph_helpers import GQA, assert_same_outputs, save, traced
 
 

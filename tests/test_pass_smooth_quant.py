@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from exporter import calibration_text
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs import calibrate, pipeline, trt_check
-from graphs.options import ExportOptions
-from graphs.passes import packed_matmul, rms_norm, rotary, smooth_quant
+from llama_export.exporter import calibration_text
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs import calibrate, pipeline, trt_check
+from llama_export.graphs.options import ExportOptions
+from llama_export.graphs.passes import packed_matmul, rms_norm, rotary, smooth_quant
 from graph_helpers import GQA, assert_same_outputs, perplexity, save, traced
 from graph_helpers import cli
 

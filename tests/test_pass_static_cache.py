@@ -8,9 +8,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphs import pipeline, trt_check
-from graphs.passes import static_cache
-from runtime.backends import ort_feed
+from llama_export.graphs import pipeline, trt_check
+from llama_export.graphs.passes import static_cache
+from llama_export.runtime.backends import ort_feed
 from graph_helpers import GQA, SLOTS, assert_updates_in_place, cli, run, save, steps, traced
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from exporter.presets import resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs import pipeline, trt_check
-from graphs.options import ExportOptions
-from graphs.passes import weight_quant
+from llama_export.exporter.presets import resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs import pipeline, trt_check
+from llama_export.graphs.options import ExportOptions
+from llama_export.graphs.passes import weight_quant
 
 from graph_helpers import assert_same_outputs, feeds, perplexity, run, save, traced
 from graph_helpers import cli

@@ -7,12 +7,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from exporter.checkpoint import RandomCheckpoint
-from exporter.loading import load_model
-from exporter.presets import resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs import pipeline, trt_check
-from graphs.options import ExportOptions
+from llama_export.exporter.checkpoint import RandomCheckpoint
+from llama_export.exporter.loading import load_model
+from llama_export.exporter.presets import resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs import pipeline, trt_check
+from llama_export.graphs.options import ExportOptions
 from graph_helpers import GQA
 from graph_helpers import run_steps, session
 

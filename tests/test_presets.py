@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from exporter.checkpoint import RandomCheckpoint, SafetensorsCheckpoint
-from exporter.errors import ExportError
-from exporter.loading import load_model
-from exporter.presets import HF_REPOS, PRESET_NAMES, PRESETS, TINY_DIR, preset_config, resolve_checkpoint
-from runtime.tokenizer import LlamaTokenizer
+from llama_export.exporter.checkpoint import RandomCheckpoint, SafetensorsCheckpoint
+from llama_export.exporter.errors import ExportError
+from llama_export.exporter.loading import load_model
+from llama_export.exporter.presets import HF_REPOS, PRESET_NAMES, PRESETS, TINY_DIR, preset_config, resolve_checkpoint
+from llama_export.runtime.tokenizer import LlamaTokenizer
 from conftest import small_config, state_dict, write_safetensors_checkpoint
 
 # The config.json files of meta-llama/Llama-2-{7b,13b,70b}-hf (the -chat repositories publish the same shapes),

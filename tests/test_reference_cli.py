@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from exporter.loading import load_model
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.reference_generate import generate
-from runtime.tokenizer import LlamaTokenizer
+from llama_export.exporter.loading import load_model
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.reference_generate import generate
+from llama_export.runtime.tokenizer import LlamaTokenizer
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter.reference_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llama_export.exporter.reference_cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from exporter.checkpoint import RandomCheckpoint
-from exporter.loading import load_model
+from llama_export.exporter.checkpoint import RandomCheckpoint
+from llama_export.exporter.loading import load_model
 from conftest import small_config, state_dict, transformers_model
 
 TOL = 1e-5
@@ -135,7 +135,7 @@ def test_half_precision_close_to_fp32_and_finite(dtype):
 
 def test_rmsnorm_survives_hidden_states_beyond_fp16_square_range():
     """Hidden states of magnitude > 256 square past fp16's 65504; statistics in fp32 keep them finite."""
-    from exporter.model import RMSNorm
+    from llama_export.exporter.model import RMSNorm
 
     norm = RMSNorm(64, 1e-5).half()
     x = torch.full((1, 2, 64), 1000.0, dtype=torch.float16)

@@ -10,15 +10,15 @@ import sys
 import numpy as np
 import pytest
 
-from exporter.checkpoint import RandomCheckpoint
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.write_artifact import build_artifact
-from graphs.options import ExportOptions
-from runtime.artifact import Artifact, ArtifactError
-from runtime.backends import OrtBackend, StaticOrtBackend, open_backend
-from runtime.generation import Generation, GenerationError, generate
-from runtime.hugepages import huge_pages_state
-from runtime.sampling import SamplingParams, filtered_probs, sample
+from llama_export.exporter.checkpoint import RandomCheckpoint
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs.options import ExportOptions
+from llama_export.runtime.artifact import Artifact, ArtifactError
+from llama_export.runtime.backends import OrtBackend, StaticOrtBackend, open_backend
+from llama_export.runtime.generation import Generation, GenerationError, generate
+from llama_export.runtime.hugepages import huge_pages_state
+from llama_export.runtime.sampling import SamplingParams, filtered_probs, sample
 
 from conftest import PROMPTS, RUNTIME_CONFIGS as CONFIGS, hf_greedy
 
@@ -181,10 +181,10 @@ def test_generation_errors(artifacts, tokenizer):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "llama_export.runtime.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("module", ["runtime.cli", "runtime.chat_cli", "runtime.bench"])
+@pytest.mark.parametrize("module", ["llama_export.runtime.cli", "llama_export.runtime.chat_cli", "llama_export.runtime.bench"])
 def test_commands_help_names_their_environment(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
@@ -230,7 +230,7 @@ def test_cli_bad_input(artifacts, args, message):
 ])
 def test_chat_bad_input(artifacts, args, message):
     artifact, _ = artifacts("tiny")
-    out = subprocess.run([sys.executable, "-m", "runtime.chat_cli", str(artifact.directory), *args], input="Hello\n",
+    out = subprocess.run([sys.executable, "-m", "llama_export.runtime.chat_cli", str(artifact.directory), *args], input="Hello\n",
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
@@ -265,7 +265,7 @@ def test_verified_files_are_hashed_again_only_when_they_change(artifacts, tmp_pa
     time; a cache that cannot be written only costs the hashing."""
     import shutil
 
-    import runtime.artifact as artifact_module
+    import llama_export.runtime.artifact as artifact_module
 
     artifact, _ = artifacts("mha")
     copy = tmp_path / "copy"
@@ -313,13 +313,13 @@ def test_verified_files_are_hashed_again_only_when_they_change(artifacts, tmp_pa
 
 
 def test_chat_keeps_history_and_reports_a_full_window(artifacts, tokenizer):
-    from runtime.chat import chat_prompt_ids
+    from llama_export.runtime.chat import chat_prompt_ids
 
     artifact, _ = artifacts("tiny")
     backend = OrtBackend(artifact)
     window = artifact.max_length
     stdin = "What is a list?\nAnd a tuple?\n" + "word " * 1100 + "\n"
-    out = subprocess.run([sys.executable, "-m", "runtime.chat_cli", str(artifact.directory), "--system", "Be brief.",
+    out = subprocess.run([sys.executable, "-m", "llama_export.runtime.chat_cli", str(artifact.directory), "--system", "Be brief.",
                           "--max-new-tokens", "12"], input=stdin, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr  # without a terminal, the refused last message makes the status 2
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
@@ -333,7 +333,7 @@ def test_chat_keeps_history_and_reports_a_full_window(artifacts, tokenizer):
 
 def test_bench_reports_consistent_figures(artifacts):
     artifact, _ = artifacts("tiny")
-    out = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "16",
+    out = subprocess.run([sys.executable, "-m", "llama_export.runtime.bench", str(artifact.directory), "--prompt-len", "16",
                           "--gen-len", "8", "--runs", "1", "--batch", "2", "--settle", "0.5", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -362,7 +362,7 @@ def test_bench_reports_consistent_figures(artifacts):
     assert 0.2 < report["kernel_read_ratio"] < 5
     assert report["fraction_of_kernel_ceiling"] == pytest.approx(
         report["bandwidth_fraction"] / report["kernel_read_ratio"], rel=0.01)
-    bad = subprocess.run([sys.executable, "-m", "runtime.bench", str(artifact.directory), "--prompt-len", "1000",
+    bad = subprocess.run([sys.executable, "-m", "llama_export.runtime.bench", str(artifact.directory), "--prompt-len", "1000",
                           "--gen-len", "100"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "exceeds the context window 1024" in bad.stderr
 

@@ -19,12 +19,12 @@ import httpx
 import numpy as np
 import pytest
 
-from runtime import serving
-from runtime.artifact_format import manifest_bytes
-from runtime.chat import chat_prompt_ids
-from runtime.sampling import SamplingParams
-from runtime.serving.client import infer_inputs, is_final
-from runtime.serving.repository import write_repository
+from llama_export.runtime import serving
+from llama_export.runtime.artifact_format import manifest_bytes
+from llama_export.runtime.chat import chat_prompt_ids
+from llama_export.runtime.sampling import SamplingParams
+from llama_export.runtime.serving.client import infer_inputs, is_final
+from llama_export.runtime.serving.repository import write_repository
 from serving_helpers import (SHM, WINDOW, Reference, Served, export_tiny_static, orphaned_shm, pid_alive,
                              sse_events)
 
@@ -261,7 +261,7 @@ def test_config_is_generated_valid_and_complete(artifact, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from runtime.serving.repository import model_config
+    from llama_export.runtime.serving.repository import model_config
 
     target = write_repository(artifact, tmp_path / "repo", "m", slots=3, queue=5, threads=2)
     config = text_format.Parse((target / "config.pbtxt").read_text(), mc.ModelConfig())

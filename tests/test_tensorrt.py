@@ -13,17 +13,17 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter import fused_attention
-from exporter.errors import ExportError
-from exporter.onnx_export import io_contract
-from exporter.presets import resolve_checkpoint
-from exporter.trt_build import ENGINE_FILE, record_engine, tensorrt_status
-from exporter.trt_profiles import limits, profiles, to_polygraphy
-from graphs import trt_check
-from runtime.artifact import Artifact, ArtifactError
-from runtime.artifact_format import BuildLimits, EngineRecord, GraphRecord
-from runtime.backends import open_backend
-from runtime.backends.trt import (TrtBackend, TrtCache, changed_bindings, cuda_graph_refusal, engine_mismatch, expect,
+from llama_export.exporter import fused_attention
+from llama_export.exporter.errors import ExportError
+from llama_export.exporter.onnx_export import io_contract
+from llama_export.exporter.presets import resolve_checkpoint
+from llama_export.exporter.trt_build import ENGINE_FILE, record_engine, tensorrt_status
+from llama_export.exporter.trt_profiles import limits, profiles, to_polygraphy
+from llama_export.graphs import trt_check
+from llama_export.runtime.artifact import Artifact, ArtifactError
+from llama_export.runtime.artifact_format import BuildLimits, EngineRecord, GraphRecord
+from llama_export.runtime.backends import open_backend
+from llama_export.runtime.backends.trt import (TrtBackend, TrtCache, changed_bindings, cuda_graph_refusal, engine_mismatch, expect,
                                   pick_profile)
 from graph_helpers import cli
 
@@ -33,7 +33,7 @@ TINY = resolve_checkpoint("tiny").config
 
 
 def build_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter.build_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llama_export.exporter.build_cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -243,7 +243,7 @@ def test_trt_backend_without_an_engine_says_how_to_build_it(trt_ready):
     out, _ = trt_ready
     with pytest.raises(ValueError, match=f"{out} has no TensorRT engine; build it with: llama-build {out}"):
         open_backend(Artifact.open(out), "trt")
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", str(out), "--prompt", "x", "--backend", "trt"],
+    result = subprocess.run([sys.executable, "-m", "llama_export.runtime.cli", str(out), "--prompt", "x", "--backend", "trt"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "has no TensorRT engine; build it with: llama-build" in result.stderr
 

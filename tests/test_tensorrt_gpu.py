@@ -15,19 +15,19 @@ import onnx
 import pytest
 import torch
 
-from exporter.checkpoint import RandomCheckpoint
-from exporter.loading import load_model
-from exporter.presets import TINY_DIR, resolve_checkpoint
-from exporter.trt_build import build_engine, tensorrt_status
-from exporter.trt_profiles import limits
-from exporter.write_artifact import build_artifact
-from graphs import trt_check
-from graphs.options import ExportOptions
-from runtime import parity
-from runtime.artifact import Artifact
-from runtime.backends import open_backend
-from runtime.generation import generate
-from runtime.tokenizer import LlamaTokenizer
+from llama_export.exporter.checkpoint import RandomCheckpoint
+from llama_export.exporter.loading import load_model
+from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
+from llama_export.exporter.trt_build import build_engine, tensorrt_status
+from llama_export.exporter.trt_profiles import limits
+from llama_export.exporter.write_artifact import build_artifact
+from llama_export.graphs import trt_check
+from llama_export.graphs.options import ExportOptions
+from llama_export.runtime import parity
+from llama_export.runtime.artifact import Artifact
+from llama_export.runtime.backends import open_backend
+from llama_export.runtime.generation import generate
+from llama_export.runtime.tokenizer import LlamaTokenizer
 
 from conftest import PROMPTS, RUNTIME_CONFIGS as CONFIGS, hf_greedy
 from graph_helpers import padded_batch
@@ -89,8 +89,8 @@ def parse(path) -> list[str]:
     ("float16", True, False, None), ("float16", True, True, None), ("float16", False, False, 64)],
     ids=["fp32", "fp16", "bf16", "int8", "smoothquant", "static"])
 def test_tensorrt_parser_accepts_what_the_check_passes(tmp_path, dtype, int8, smoothquant, max_seq):
-    from exporter.calibration_text import DEFAULT_TEXT, sequences
-    from graphs.pipeline import SmoothQuant
+    from llama_export.exporter.calibration_text import DEFAULT_TEXT, sequences
+    from llama_export.graphs.pipeline import SmoothQuant
 
     smooth = SmoothQuant(sequences(TINY_DIR / "tokenizer.model", DEFAULT_TEXT, 256, 64)) if smoothquant else None
     out = tmp_path / "a"
@@ -181,15 +181,15 @@ def test_cuda_graph_replay_after_another_prefill_on_the_context(engines):
 def test_bench_7b_shaped_two_layers_reports_its_hbm_fraction(tmp_path):
     """llama-bench --backend trt on Llama-2-7B widths (2 random layers, fp16): decode reads ~1.3 GB per step."""
     out = tmp_path / "7b2"
-    export = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", "7b", "--random-weights", "--num-layers",
+    export = subprocess.run([sys.executable, "-m", "llama_export.exporter.cli", "--model", "7b", "--random-weights", "--num-layers",
                              "2", "--fp16", "--target", "trt", "--no-build", "--no-verify", "-o", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert export.returncode == 0, export.stderr
-    build = subprocess.run([sys.executable, "-m", "exporter.build_cli", str(out), "--max-batch", "1", "--max-input-len",
+    build = subprocess.run([sys.executable, "-m", "llama_export.exporter.build_cli", str(out), "--max-batch", "1", "--max-input-len",
                             "128", "--max-seq-len", "512"], capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr
     assert "attention: one fused TensorRT kernel per layer (float16, head size 128)" in build.stderr
-    bench = subprocess.run([sys.executable, "-m", "runtime.bench", str(out), "--backend", "trt", "--prompt-len", "128",
+    bench = subprocess.run([sys.executable, "-m", "llama_export.runtime.bench", str(out), "--backend", "trt", "--prompt-len", "128",
                             "--gen-len", "128", "--runs", "2", "--json"], capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stderr
     report = json.loads(bench.stdout)

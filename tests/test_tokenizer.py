@@ -7,8 +7,8 @@ import itertools
 import pytest
 import sentencepiece as spm
 
-from runtime.chat import ChatFormatError, chat_prompt_ids
-from runtime.tokenizer import LlamaTokenizer, TokenizerError
+from llama_export.runtime.chat import ChatFormatError, chat_prompt_ids
+from llama_export.runtime.tokenizer import LlamaTokenizer, TokenizerError
 
 BASE = [
     "Hello world", "hello", " Hello", "  Hello", "Hello ", "Hello  ", "   ", " ", "\n", "\n\n", "\t", "a\tb",

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs.trt_check import RULES, check
+from llama_export.graphs.trt_check import RULES, check
 
 F, F16, B = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BOOL
 
@@ -208,9 +208,9 @@ def test_scale_values_are_read_from_the_external_data(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_trt(tmp_path_factory):
     """tiny exported for trt in the two forms no other test file exports: bf16 and the static cache."""
-    from exporter.write_artifact import build_artifact
-    from graphs.options import ExportOptions
-    from exporter.presets import resolve_checkpoint
+    from llama_export.exporter.write_artifact import build_artifact
+    from llama_export.graphs.options import ExportOptions
+    from llama_export.exporter.presets import resolve_checkpoint
 
     ckpt, root = resolve_checkpoint("tiny"), tmp_path_factory.mktemp("tiny-trt")
     out = {}
@@ -237,9 +237,9 @@ def test_the_exported_trt_graphs_pass(tiny_trt, name):
 def test_the_old_fp16_graph_fails_with_the_parsers_message(tmp_path):
     """The onnx target keeps softmax_precision (legal there): exactly the graph every fp16 trt export used to
     be; the check refuses each of its Attention nodes as the parser does."""
-    from exporter.write_artifact import build_artifact
-    from graphs.options import ExportOptions
-    from exporter.presets import resolve_checkpoint
+    from llama_export.exporter.write_artifact import build_artifact
+    from llama_export.graphs.options import ExportOptions
+    from llama_export.exporter.presets import resolve_checkpoint
 
     out = tmp_path / "onnx"
     build_artifact(resolve_checkpoint("tiny"), out, ExportOptions("float16"), log=lambda m: None)

@@ -18,19 +18,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.artifact import Artifact, ArtifactError, VerifiedFiles
-import runtime.artifact as artifact_module
-from runtime.artifact_format import manifest_bytes
+from llama_export.runtime.artifact import Artifact, ArtifactError, VerifiedFiles
+import llama_export.runtime.artifact as artifact_module
+from llama_export.runtime.artifact_format import manifest_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    from exporter.write_artifact import build_artifact
-    from graphs.options import ExportOptions
-    from exporter.checkpoint import truncate_layers
-    from exporter.presets import TINY_DIR, resolve_checkpoint
+    from llama_export.exporter.write_artifact import build_artifact
+    from llama_export.graphs.options import ExportOptions
+    from llama_export.exporter.checkpoint import truncate_layers
+    from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
 
     out = tmp_path_factory.mktemp("untrusted") / "art"
     build_artifact(truncate_layers(resolve_checkpoint("tiny"), 1), out, ExportOptions(optimize=False),
@@ -179,8 +179,8 @@ def test_os_system_payload_is_not_run(tmp_path):
     """A pytorch_model.bin whose unpickling would run a command: refused, and the command never runs."""
     import pickle
 
-    from exporter.checkpoint import torch_load_lazy
-    from exporter.errors import ExportError
+    from llama_export.exporter.checkpoint import torch_load_lazy
+    from llama_export.exporter.errors import ExportError
 
     marker = tmp_path / "pwned"
 

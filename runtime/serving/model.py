@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from runtime.inflight import Busy, InflightBatcher, Request, RequestRejected
-from runtime.sampling import SamplingParams
-from runtime.tokenizer import LlamaTokenizer
-from runtime.serving import interface
+from llama_export.runtime.inflight import Busy, InflightBatcher, Request, RequestRejected
+from llama_export.runtime.sampling import SamplingParams
+from llama_export.runtime.tokenizer import LlamaTokenizer
+from llama_export.runtime.serving import interface
 
 SWEEP_S = 0.05  # how often every request in flight is checked for cancellation (within a decode step)
 GAUGES_S = 0.5  # how often the gauges are refreshed (each set is an IPC to the server)

@@ -102,8 +102,8 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
             _fail(f"--model {model}: the repository has {', '.join(names)}", 2)
         tokenizer = window = None
         if openai_port is not None:
-            from runtime.artifact import Artifact, ArtifactError
-            from runtime.tokenizer import LlamaTokenizer
+            from llama_export.runtime.artifact import Artifact, ArtifactError
+            from llama_export.runtime.tokenizer import LlamaTokenizer
 
             try:  # the OpenAI endpoint tokenizes with the served artifact's tokenizer
                 artifact = Artifact.open(artifact_of(repo, model))
