@@ -17,6 +17,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 SEAL = "manifest_sha256"
+DTYPES = ("float32", "float16", "bfloat16")  # the graph's float type (logits are float32 in every one)
 FLAVOURS = ("portable", "static")
 TARGETS = ("onnx", "ort", "trt")
 
@@ -251,7 +252,7 @@ class Manifest:
                     n.get("polygraphy_version", str, None))
             tensorrt = TensorRTRecord(_limits(t.section("limits")), t.get("profiles", list),
                                       t.get("build_command", str), engine)
-        return cls(model, top.get("dtype", str, choices=("float32", "float16", "bfloat16")), graph,
+        return cls(model, top.get("dtype", str, choices=DTYPES), graph,
                    top.get("tools", dict, {}), export, top.get("verification", dict, {}), files, tensorrt, version,
                    top.get(SEAL, str, None))
 

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Artifact
-from ..artifact_format import EngineRecord
+from ..artifact_format import DTYPES, EngineRecord
 from .feeds import SlotState, static_feed
 
-TORCH_DTYPES = ("float32", "float16", "bfloat16")
 KEEP = "logits_to_keep"
 
 
@@ -120,7 +119,7 @@ class TrtBackend:
                                   torch.cuda.get_device_capability(0))
         if problem:
             raise ValueError(f"{artifact.directory / record.file}: {problem}; rebuild it here with: {rebuild}")
-        if artifact.dtype not in TORCH_DTYPES:
+        if artifact.dtype not in DTYPES:
             raise ValueError(f"{artifact.directory}: dtype {artifact.dtype} is not one the trt backend runs")
         if cuda_graph and artifact.flavour != "static":
             raise ValueError("--cuda-graph needs fixed shapes and addresses: a static-cache artifact (llama-export "

@@ -272,7 +272,7 @@ class TritonPythonModel:
         for live in list(self.live.values()):  # also while a backlog of events waits to be sent
             live.check_cancelled()
         now = time.monotonic()
-        if now - self.gauges_at >= GAUGES_S and not self.closing:
+        if now - self.gauges_at >= GAUGES_S:
             self.gauges_at = now
             self._gauges()
 
