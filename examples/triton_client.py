@@ -31,21 +31,25 @@ def stream_grpc(url: str, model: str, question: str, max_tokens: int):
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    answered = False
     try:
         client.async_stream_infer(model, infer_inputs(grpcclient, text_input=chat_text(question),
                                                       max_tokens=max_tokens, stream=True),
                                   enable_empty_final_response=True)
-        while True:
+        while not answered:
             result, error = responses.get(timeout=300)
             if error is not None:
+                answered = True  # an error is the request's final response
                 raise RuntimeError(str(error))
+            answered = is_final(result)
             text = result.as_numpy("text_output")
             if text is not None:
                 yield text[0].decode("utf-8")
-            if is_final(result):
-                return
-    finally:  # leaving early (Ctrl-C) cancels the request: its slot is freed within one step
-        client.stop_stream(cancel_requests=True)
+    finally:
+        # leaving early (Ctrl-C) cancels the request: its slot is freed within one step. A stream whose final
+        # response came is closed, never cancelled: tritonserver 2.51 can keep a stream cancelled after its final
+        # response open for good, and then cannot stop (docs/serving.md, "Stopping")
+        client.stop_stream(cancel_requests=not answered)
         client.close()
 
 

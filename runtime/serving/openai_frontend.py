@@ -9,6 +9,7 @@ ending with `data: [DONE]`. The nvidia-pytriton wheel's tritonserver has no Open
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -23,6 +24,7 @@ from ..chat import ChatFormatError, chat_prompt_ids
 
 from .client import infer_inputs
 
+DRAIN_S = 30.0  # the longest a finished stream is waited for to close in the background
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the window
 
 
@@ -33,7 +35,7 @@ class BadRequest(ValueError):
 
 
 def error_response(err: BadRequest) -> JSONResponse:
-    kind = "rate_limit_error" if err.status == 429 else "invalid_request_error"
+    kind = {429: "rate_limit_error", 503: "server_error"}.get(err.status, "invalid_request_error")
     return JSONResponse({"error": {"message": str(err), "type": kind, "param": err.param, "code": None}},
                         status_code=err.status)
 
@@ -85,26 +87,43 @@ class Frontend:
                             ignore_eos=bool(body.get("ignore_eos", False)))  # vLLM's and llama.cpp's extension
 
     async def generate(self, inputs):
-        """(text, new token count, finish_reason or None) per Triton response, over one gRPC stream."""
+        """(text, new token count, finish_reason or None) per Triton response, over one gRPC stream.
+
+        The stream is read to its end (the server closes it after the final response) before the final piece is
+        given out, and it is cancelled only while its request is still running: a gRPC stream cancelled after its
+        final response can leave tritonserver 2.51 holding the request, so that the model never unloads and a stop
+        waits for the exit timeout (docs/serving.md, "Stopping")."""
         async def one():
             yield {"model_name": self.model, "inputs": inputs, "request_id": uuid.uuid4().hex}
 
-        responses = self.client().stream_infer(one())
+        call = self.client().stream_infer(one())
+        final = error = None  # the last piece; the error that ended the request instead
+        answered = ended = False  # the final response came; the server closed the stream
         try:
-            async for result, error in responses:
-                if error is not None:
-                    message = str(error)
-                    raise BadRequest(message, status=429 if "queue is full" in message else 400)
+            async for result, err in call:
+                if err is not None:  # an error is its request's final response
+                    error, answered = str(err), True
+                    continue
                 text = result.as_numpy("text_output")
                 tokens = result.as_numpy("token_ids")
                 reason = result.as_numpy("finish_reason")
                 reason = reason.reshape(-1)[0].decode() if reason is not None and reason.size else ""
-                yield (b"".join(text.reshape(-1)).decode("utf-8") if text is not None else "",
-                       0 if tokens is None else tokens.size, reason or None)
+                piece = (b"".join(text.reshape(-1)).decode("utf-8") if text is not None else "",
+                         0 if tokens is None else tokens.size, reason or None)
                 if reason:
-                    return
-        finally:  # a client gone (this generator cancelled) or done: the Triton request is cancelled/closed
-            responses.cancel()
+                    final, answered = piece, True  # given out once the server has closed the stream
+                else:
+                    yield piece
+            ended = True
+        finally:
+            if not answered and not ended:  # the client went away mid-answer: cancel the Triton request
+                call.cancel()
+            elif not ended:  # the final response came but the stream is still open: let it close by itself
+                _drain_later(call)
+        if error is not None:
+            raise BadRequest(error, status=_status_of(error))
+        if final is not None:
+            yield final
 
     async def completions(self, request: Request):
         return await self._serve(request, chat=False)
@@ -195,6 +214,36 @@ class Frontend:
         yield "data: [DONE]\n\n"
 
 
+def _status_of(message: str) -> int:
+    if "queue is full" in message:
+        return 429
+    if "server is stopping" in message:
+        return 503
+    return 400
+
+
+_draining: set = set()
+
+
+def _drain_later(call) -> None:
+    """Read a stream whose final response has come to its end in the background (bounded), holding it meanwhile:
+    a stream dropped unfinished is cancelled by gRPC."""
+    async def drain():
+        async def to_the_end():
+            async for _ in call:
+                pass
+
+        try:
+            await asyncio.wait_for(to_the_end(), DRAIN_S)
+        except (Exception, asyncio.CancelledError):
+            pass
+        finally:
+            _draining.discard(task)
+
+    task = asyncio.get_running_loop().create_task(drain())
+    _draining.add(task)
+
+
 def _openai_reason(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
@@ -210,13 +259,14 @@ def create_app(grpc_url: str, model: str, tokenizer, window: int) -> Starlette:
                              Route("/v1/models", frontend.models, methods=["GET"])])
 
 
-def make_server(grpc_url: str, model: str, tokenizer, window: int, host: str, port: int):
-    """A uvicorn server for the app (not started) and its port (a free one for 0)."""
+def make_server(grpc_url: str, model: str, tokenizer, window: int, host: str, port: int, graceful_s: float = 30):
+    """A uvicorn server for the app (not started) and its port (a free one for 0); once told to stop it waits at
+    most `graceful_s` for its open connections."""
     import uvicorn
 
     from .server import free_port
 
     port = port or free_port(host)
     config = uvicorn.Config(create_app(grpc_url, model, tokenizer, window), host=host, port=port,
-                            log_level="warning", lifespan="off")
+                            log_level="warning", lifespan="off", timeout_graceful_shutdown=graceful_s)
     return uvicorn.Server(config), port
