@@ -60,14 +60,15 @@ class Generation:
 
     def __init__(self, backend, tokenizer: LlamaTokenizer, prompts: Sequence[list[int]], max_length: int,
                  max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = ()):
+                 stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), ignore_eos: bool = False):
         prompts = [list(p) for p in prompts]
         if not prompts or any(not p for p in prompts):
             raise GenerationError("a prompt is empty; give at least one token of text")
         check_request(max(len(p) for p in prompts), max_new_tokens, max_length, stop_strings)
         self.backend, self.tokenizer, self.params = backend, tokenizer, params
         self.max_new_tokens, self.stop_strings = max_new_tokens, tuple(stop_strings)
-        self.stops = {tokenizer.eos_id, *stop_token_ids}
+        self.stops = {*stop_token_ids} if ignore_eos else {tokenizer.eos_id, *stop_token_ids}
+        self.ignore_eos = ignore_eos
         self.seqs = [Row(p) for p in prompts]
         self.results: list[Result] = []
 
@@ -113,7 +114,7 @@ class Generation:
                                   prefill_tokens_per_step=sum(len(s.prompt) for s in self.seqs))
         try:
             requests = [Request(s.prompt, self.max_new_tokens, self.params, self.stop_strings,
-                                tuple(self.stops - {self.tokenizer.eos_id})) for s in self.seqs]
+                                tuple(self.stops - {self.tokenizer.eos_id}), self.ignore_eos) for s in self.seqs]
             batcher.submit_many(requests, [lambda event, row=row: events.put((row, event)) for row in range(count)])
             results: list[Result | None] = [None] * count
             while None in results:
@@ -134,8 +135,9 @@ class Generation:
 
 
 def generate(backend, tokenizer, prompts, max_length, max_new_tokens, params=SamplingParams(),
-             stop_token_ids=(), stop_strings=()) -> list[Result]:
-    run = Generation(backend, tokenizer, prompts, max_length, max_new_tokens, params, stop_token_ids, stop_strings)
+             stop_token_ids=(), stop_strings=(), ignore_eos=False) -> list[Result]:
+    run = Generation(backend, tokenizer, prompts, max_length, max_new_tokens, params, stop_token_ids, stop_strings,
+                     ignore_eos)
     for _ in run:
         pass
     return run.results

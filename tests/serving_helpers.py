@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from llama_export.exporter.presets import TINY_DIR, resolve_checkpoint
 from llama_export.exporter.write_artifact import build_artifact
@@ -40,6 +41,17 @@ def export_tiny_static(directory: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """The served tiny artifact (a module's tests share it)."""
+    return export_tiny_static(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def reference(artifact):
+    return Reference(artifact)
+
+
 class Reference:
     """llama-generate's own path (runtime.generation, one prompt alone) on the same artifact."""
 
@@ -48,12 +60,12 @@ class Reference:
         self.tokenizer = LlamaTokenizer(self.artifact.tokenizer_path)
         self.backend = open_backend(self.artifact, "ort", 1)
 
-    def ids(self, prompt_ids: list[int], max_new_tokens: int, params=SamplingParams(), stop=()):
+    def ids(self, prompt_ids: list[int], max_new_tokens: int, params=SamplingParams(), stop=(), ignore_eos=False):
         return generate(self.backend, self.tokenizer, [prompt_ids], self.artifact.max_length, max_new_tokens, params,
-                        stop_strings=stop)[0]
+                        stop_strings=stop, ignore_eos=ignore_eos)[0]
 
-    def __call__(self, prompt: str, max_new_tokens: int, params=SamplingParams(), stop=()):
-        return self.ids(self.tokenizer.encode(prompt), max_new_tokens, params, stop)
+    def __call__(self, prompt: str, max_new_tokens: int, params=SamplingParams(), stop=(), ignore_eos=False):
+        return self.ids(self.tokenizer.encode(prompt), max_new_tokens, params, stop, ignore_eos)
 
 
 class Served:

@@ -182,7 +182,7 @@ print(json.dumps({{"solo": solo, "batched": batched, "guard": guard,
 
     model = Path(llama_export.runtime.serving.__file__).parent / "model.py"  # runs in Triton's stub, which we cannot import here
     imported = imported_modules(model)
-    assert imported <= {"__future__", "json", "queue", "threading", "time", "pathlib", "numpy",
+    assert imported <= {"__future__", "json", "os", "queue", "threading", "time", "pathlib", "numpy",
                         "triton_python_backend_utils", "llama_export"}, imported
 
 

@@ -25,8 +25,8 @@ from llama_export.runtime.chat import chat_prompt_ids
 from llama_export.runtime.sampling import SamplingParams
 from llama_export.runtime.serving.client import infer_inputs, is_final
 from llama_export.runtime.serving.repository import write_repository
-from serving_helpers import (SHM, WINDOW, Reference, Served, export_tiny_static, orphaned_shm, pid_alive,
-                             sse_events)
+from serving_helpers import (SHM, WINDOW, Served, artifact, orphaned_shm, pid_alive,  # noqa: F401 (fixtures)
+                             reference, sse_events)
 
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
@@ -34,16 +34,6 @@ pytest.importorskip("pytriton")
 PROMPTS = ["A list comprehension", "The tutorial explains how", "Tuples are", "Once upon a time",
            "Errors and exceptions", "The with statement", "Classes provide", "Modules"]
 SLOTS = 4
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return export_tiny_static(tmp_path_factory.mktemp("serving"))
-
-
-@pytest.fixture(scope="module")
-def reference(artifact):
-    return Reference(artifact)
 
 
 @pytest.fixture(scope="module")

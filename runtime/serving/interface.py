@@ -36,5 +36,10 @@ DEFAULT_MAX_TOKENS = 64
 ARTIFACT, SLOTS, QUEUE, THREADS, BACKEND = "ARTIFACT", "SLOTS", "QUEUE", "THREADS", "BACKEND"
 EXECUTION_ENV_PATH = "EXECUTION_ENV_PATH"
 
+# stopping: llama-serve names a directory in the server's environment; the model polls it for STOP_FILE (its
+# content: the deadline, Unix time in seconds) and writes NAME.serving, NAME.drained and NAME.finalized (JSON) there
+STOP_DIR_ENV = "LLAMA_SERVE_STOP_DIR"
+STOP_FILE = "stop"
+
 # custom metrics on Triton's metrics endpoint (all labelled with model="NAME")
 METRIC_PREFIX = "llama_"

@@ -7,12 +7,19 @@ each request in flight whether it was cancelled (`request.is_cancelled()`, an IP
 token): a cancelled stream leaves the batch within about one decode step. It refreshes the gauges every GAUGES_S.
 Keeping Triton's IPC off the batcher's thread keeps the batcher stepping while responses are sent.
 
+Every request ends with exactly one final response, whatever ends it (its answer, a cancel, a client gone, a refusal,
+bad input, a failing step): a request left without one is counted in flight by the server, which then never unloads
+the model. Stopping (`interface.STOP_DIR_ENV`, set by llama-serve): when the stop file appears, new requests are
+refused, the ones open get until its deadline to finish and are cancelled then, and the model writes its report
+(`NAME.drained`, then `NAME.finalized`) into that directory.
+
 `llama-triton` copies this file into REPO/NAME/1/model.py; the interface is `runtime.serving.interface`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -64,12 +71,13 @@ def _text(value, name: str) -> str:
 class Live:
     """One request in flight: its Triton request and sender, the batcher's handle, what it asked for."""
 
-    __slots__ = ("request", "sender", "handle", "stream", "prefix", "text", "tokens", "cancelled")
+    __slots__ = ("request", "sender", "handle", "stream", "prefix", "text", "tokens", "cancelled", "ended")
 
     def __init__(self, request, stream: bool, prefix: str):
         self.request, self.sender, self.handle = request, request.get_response_sender(), None
         self.stream, self.prefix, self.text, self.tokens = stream, prefix, [], []
         self.cancelled = False
+        self.ended = False  # its final response was sent (or tried: the sender is closed either way)
 
     def check_cancelled(self) -> bool:
         """Whether the client cancelled (or went away); if so the batcher is told, once."""
@@ -97,6 +105,7 @@ class TritonPythonModel:
         self._metrics()
         self.outbox: queue.Queue = queue.Queue()
         self.live: dict[int, Live] = {}  # id(Live) -> Live, touched only by the sender thread
+        self.stop = Stop(os.environ.get(interface.STOP_DIR_ENV), self.name)
         self.sender = threading.Thread(target=self._send_loop, name="llama-responses", daemon=True)
         self.sender.start()
 
@@ -122,6 +131,9 @@ class TritonPythonModel:
         self.m_running = self.f_running.Metric(labels=labels)
         self.f_queued = F(name=p + "queue_depth", description="Requests waiting for a slot", kind=F.GAUGE)
         self.m_queued = self.f_queued.Metric(labels=labels)
+        self.f_open = F(name=p + "open_requests", kind=F.GAUGE,
+                        description="Requests taken and not yet ended with their final response")
+        self.m_open = self.f_open.Metric(labels=labels)
         self.f_shared = F(name=p + "max_running_in_a_step", kind=F.GAUGE,
                           description="Most requests that shared one batcher step so far")
         self.m_shared = self.f_shared.Metric(labels=labels)
@@ -138,6 +150,7 @@ class TritonPythonModel:
         stats = self.batcher.stats()
         self.m_running.set(stats["running"])
         self.m_queued.set(stats["queued"])
+        self.m_open.set(len(self.live))
         self.m_shared.set(stats["max_running_in_a_step"])
         if stats["steps"] > self.steps_reported:
             self.m_steps.increment(stats["steps"] - self.steps_reported)
@@ -199,23 +212,37 @@ class TritonPythonModel:
         for request in requests:
             live = None
             try:
+                if self.stop.seen:
+                    raise Stopping("the server is stopping: send the request to another server, or retry once "
+                                   "this one is back")
                 batch_request, stream, prefix = self._parse(request)
                 live = Live(request, stream, prefix)
                 self.outbox.put(("register", live, None))  # before any of its events: the queue keeps the order
                 live.handle = self.batcher.submit(batch_request,
                                                   on_event=lambda e, live=live: self.outbox.put(("event", live, e)))
             except Exception as err:  # each request gets its own answer; the others in this call go on
-                message = str(err)
-                if isinstance(err, Busy):
-                    message = (f"the queue is full ({self.max_queue} requests waiting, --queue {self.max_queue}): "
-                               f"retry later ({err})")
-                elif not isinstance(err, (BadRequest, RequestRejected)):
-                    message = f"the request failed: {err!r}"
-                    pb_utils.Logger.log_error(f"{self.name}: {message}")
-                sender = live.sender if live is not None else request.get_response_sender()
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
-                self.outbox.put(("reject", live, None))
+                self._refuse(request, live, err)
         return None
+
+    def _refuse(self, request, live: Live | None, err: Exception) -> None:
+        """The one final response of a request refused before it ran (on the execute thread); never raises."""
+        message = str(err)
+        if isinstance(err, Busy):
+            message = (f"the queue is full ({self.max_queue} requests waiting, --queue {self.max_queue}): "
+                       f"retry later ({err})")
+        elif not isinstance(err, (BadRequest, RequestRejected, Stopping)):
+            message = f"the request failed: {err!r}"
+            pb_utils.Logger.log_error(f"{self.name}: {message}")
+        try:
+            sender = live.sender if live is not None else request.get_response_sender()
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+        except Exception as again:  # the sender is closed by the attempt: the request has ended all the same
+            pb_utils.Logger.log_info(f"{self.name}: a refusal could not be delivered ({again!r}): {message}")
+        if live is not None:
+            live.ended = True
+            self.outbox.put(("reject", live, None))
+        else:
+            self.outbox.put(("reject", None, None))
 
     # ---- responses (the sender thread) -------------------------------------------------------------------
 
@@ -226,16 +253,28 @@ class TritonPythonModel:
             pb_utils.Tensor("finish_reason", np.array([reason.encode("utf-8")], dtype=np.object_))])
 
     def _send(self, live: Live, response, flags=0):
+        if live.ended:  # a response after the final one would be refused by the server: a bug to see in the log
+            pb_utils.Logger.log_error(f"{self.name}: a response after the request's final one was dropped")
+            return
+        live.ended = bool(flags & FINAL)
         try:
             live.sender.send(response, flags=flags)
         except Exception as err:  # a client gone: nothing to deliver to; the batcher is told by the cancellation check
             if live.handle is not None:
                 live.handle.cancel()
-            if flags & FINAL:  # the request must still end, or the server counts it in flight and cannot stop
-                try:
-                    live.sender.send(flags=FINAL)
-                except Exception as again:
-                    pb_utils.Logger.log_error(f"{self.name}: a request could not be ended ({err!r}; {again!r})")
+            if flags & FINAL:  # the attempt closed the sender and the server ended the request regardless
+                pb_utils.Logger.log_info(f"{self.name}: a final response could not be delivered ({err!r})")
+
+    def _end(self, live: Live, make_response) -> None:
+        """Send the request's one final response, built by `make_response()`; if building it fails, an error
+        response ends the request instead."""
+        self.live.pop(id(live), None)
+        try:
+            response = make_response()
+        except Exception as err:
+            pb_utils.Logger.log_error(f"{self.name}: building a final response failed: {err!r}")
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"the response failed: {err!r}"))
+        self._send(live, response, FINAL)
 
     def _deliver(self, live: Live, event):
         if not event.final:
@@ -248,29 +287,34 @@ class TritonPythonModel:
                 live.text.append(event.text)
                 live.tokens += event.tokens
             return
-        self.live.pop(id(live), None)
         done = event.result
+        self.stop.ended(done.finish_reason)
+        if done.finish_reason == "error":
+            self._end(live, lambda: pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"generation failed: {done.error}")))
+        elif live.stream:
+            self._end(live, lambda: self._response(event.text, event.tokens, done.finish_reason))
+        else:
+            live.text.append(event.text)
+            live.tokens += event.tokens
+            self._end(live, lambda: self._response(live.prefix + "".join(live.text), live.tokens, done.finish_reason))
         self._count(done.finish_reason)
         self.m_tokens.increment(len(done.tokens))
         if done.ttft_s is not None:
             self.m_ttft.observe(done.ttft_s)
         for gap in done.token_times_s:
             self.m_itl.observe(gap)
-        if done.finish_reason == "error":
-            self._send(live, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {done.error}")),
-                       FINAL)
-        elif live.stream:
-            self._send(live, self._response(event.text, event.tokens, done.finish_reason), FINAL)
-        else:
-            live.text.append(event.text)
-            live.tokens += event.tokens
-            self._send(live, self._response(live.prefix + "".join(live.text), live.tokens, done.finish_reason), FINAL)
 
     def _sweep(self):
         if self.closing:  # finalize cancels every request itself
             return
         for live in list(self.live.values()):  # also while a backlog of events waits to be sent
             live.check_cancelled()
+        # past the stop's deadline, what is still open is cancelled
+        if self.stop.check(len(self.live), pending=not self.outbox.empty()):
+            for live in self.live.values():
+                if live.handle is not None:
+                    live.handle.cancel()
         now = time.monotonic()
         if now - self.gauges_at >= GAUGES_S:
             self.gauges_at = now
@@ -290,7 +334,8 @@ class TritonPythonModel:
                 if kind == "register":
                     self.live[id(live)] = live
                 elif kind == "reject":
-                    self.live.pop(id(live), None)
+                    if live is not None:
+                        self.live.pop(id(live), None)
                     self._count("rejected")
                 else:
                     try:
@@ -313,7 +358,74 @@ class TritonPythonModel:
         self.sender.join(timeout=FINALIZE_S)
         left = len(self.live)
         self.live.clear()
+        seconds = time.monotonic() - started
         state = lambda alive: "STILL RUNNING" if alive else "ended"  # noqa: E731
-        pb_utils.Logger.log_info(f"{self.name}: finalized in {time.monotonic() - started:.1f} s (batcher "
-                                 f"{state(not batcher_ended)}, sender {state(self.sender.is_alive())}, {left} "
-                                 f"requests not ended)")
+        pb_utils.Logger.log_info(f"{self.name}: finalized in {seconds:.1f} s (batcher {state(not batcher_ended)}, "
+                                 f"sender {state(self.sender.is_alive())}, {left} requests not ended)")
+        self.stop.report("finalized", {"seconds": round(seconds, 3), "batcher_ended": batcher_ended,
+                                       "sender_ended": not self.sender.is_alive(), "not_ended": left})
+
+
+class Stopping(RuntimeError):
+    """A request that came after the stop began."""
+
+
+class Stop:
+    """The stop protocol with llama-serve (`interface.STOP_DIR_ENV`): the stop file's deadline, what was open when
+    it appeared and how those requests ended, and the reports written back. Touched by the sender thread only
+    (`seen` is also read by execute)."""
+
+    def __init__(self, directory: str | None, name: str):
+        self.directory = Path(directory) if directory else None
+        self.name = name
+        self.seen = False
+        self.deadline = None  # time.monotonic() past which what is open is cancelled
+        self.started = 0.0
+        self.open_at_stop = 0
+        self.reasons: dict[str, int] = {}
+        self.drained = False
+        if self.directory is not None:
+            self.report("serving", {"pid": os.getpid()})
+
+    def check(self, open_requests: int, pending: bool = False) -> bool:
+        """Look for the stop file (an open per sweep); whether the deadline has passed with requests open.
+        `pending`: events or registrations are still queued for the sender, so the count may be stale."""
+        if self.directory is None:
+            return False
+        try:  # read again while stopping: a second signal to llama-serve moves the deadline to now
+            deadline = float((self.directory / interface.STOP_FILE).read_text()) if not self.drained else None
+        except (OSError, ValueError):  # not there yet (or being written)
+            deadline = None
+        if deadline is not None:
+            now, first = time.monotonic(), not self.seen
+            if first:
+                self.seen, self.started, self.open_at_stop = True, now, open_requests
+            self.deadline = now + max(0.0, deadline - time.time())
+            if first:
+                pb_utils.Logger.log_info(f"{self.name}: stopping: {open_requests} requests open; they have "
+                                         f"{self.deadline - now:.1f} s to finish, then they are cancelled")
+        if not self.seen:
+            return False
+        if open_requests == 0 and not pending and not self.drained:
+            self.drained = True
+            seconds = time.monotonic() - self.started
+            pb_utils.Logger.log_info(f"{self.name}: drained in {seconds:.1f} s: {self.open_at_stop} requests were "
+                                     f"open at the stop; ended since: {self.reasons or 'none'}")
+            self.report("drained", {"open_at_stop": self.open_at_stop, "ended": self.reasons,
+                                    "seconds": round(seconds, 3)})
+        return open_requests > 0 and time.monotonic() >= self.deadline
+
+    def ended(self, reason: str) -> None:
+        if self.seen:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def report(self, what: str, fields: dict) -> None:
+        """NAME.what (JSON) in the stop directory, written whole (renamed into place)."""
+        if self.directory is None:
+            return
+        try:
+            tmp = self.directory / f".{self.name}.{what}.tmp"
+            tmp.write_text(json.dumps(fields))
+            os.replace(tmp, self.directory / f"{self.name}.{what}")
+        except OSError as err:
+            pb_utils.Logger.log_error(f"{self.name}: could not write its {what} report: {err!r}")

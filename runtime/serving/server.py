@@ -5,7 +5,8 @@ for the wheel the Python stub of this Python is copied into the wheel's own `bac
 RPATH finds the wheel's libraries. Readiness is polled with a timeout, because a model whose Python stub cannot
 start makes the server wait forever. Stopping is SIGTERM and a wait: the server lets in-flight streams finish
 (an exit timeout of EXIT_TIMEOUT_S, longer than the default: a short one crashes 2.51 with streams in flight, and
-past it the server exits 1), and the Python backend's shared-memory segments that a killed server leaves in
+past it the server exits 1; llama-serve drains the models before it signals, so this is the bound for servers
+whose models do not drain), and the Python backend's shared-memory segments that a killed server leaves in
 /dev/shm are removed.
 """
 
@@ -62,10 +63,10 @@ def find_tritonserver() -> tuple[Path, Path | None]:
     return binary, backends
 
 
-def server_env() -> dict[str, str]:
-    """The server's environment: this Python's libpython first on the loader's path, so that the stub embeds the
-    same Python as the venv recorded in the repository's EXECUTION_ENV_PATH."""
-    env = dict(os.environ)
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment (with `extra`): this Python's libpython first on the loader's path, so that the stub
+    embeds the same Python as the venv recorded in the repository's EXECUTION_ENV_PATH."""
+    env = {**os.environ, **(extra or {})}
     lib = Path(sys.base_prefix) / "lib"
     if list(lib.glob("libpython3*.so*")):
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH")]))
@@ -121,11 +122,12 @@ class TritonServer:
     """`start()`, `wait_ready(timeout)`, `stop()`; the log goes to `log_path`."""
 
     def __init__(self, repository: Path, log_path: Path, host: str = "127.0.0.1", http_port: int = 0,
-                 grpc_port: int = 0, metrics_port: int = 0, extra_args: tuple[str, ...] = ()):
+                 grpc_port: int = 0, metrics_port: int = 0, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.repository, self.log_path = Path(repository).resolve(), Path(log_path)
         self.endpoints = Endpoints(host, http_port or free_port(host), grpc_port or free_port(host),
                                    metrics_port or free_port(host))
-        self.extra_args, self.process = tuple(extra_args), None
+        self.extra_args, self.extra_env, self.process = tuple(extra_args), dict(env or {}), None
         self._shm_before: set[str] = set()
 
     def command(self) -> list[str]:
@@ -148,7 +150,7 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             # a session of its own: a Ctrl-C in the terminal reaches llama-serve, which stops the server in order
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=server_env(), start_new_session=True)
+                                            env=server_env(self.extra_env), start_new_session=True)
 
     def log_text(self) -> str:
         try:
@@ -178,6 +180,11 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready within {timeout:g} s (a model still loading, or its Python "
                           f"stub could not start); stopped it. Its log ({self.log_path}):\n"
                           f"{reason_from_log(self.log_text())}")
+
+    def terminate(self) -> None:
+        """SIGTERM: the server stops taking requests, waits for those in flight, unloads the models and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def stop(self, grace: float = 120.0) -> int | None:
         """SIGTERM, wait up to `grace` s for in-flight requests to finish, else SIGKILL; then the shm cleanup."""
