@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from .artifact import Artifact, ArtifactError
-from .backends import BACKENDS, open_backend
+from .backends import BACKENDS, open_backend, serves_slots
 from .chat import ChatFormatError, chat_prompt_ids
 from .cli import ENVIRONMENT, to_stderr
 from .generation import Generation
 from .hugepages import relaunch_with_huge_pages
+from .inflight import InflightBatcher, Request
 from .sampling import SamplingParams
 from .tokenizer import LlamaTokenizer, TokenizerError
 
@@ -39,12 +40,17 @@ def fit_history(tokenizer: LlamaTokenizer, system: str | None, turns: list[dict]
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="ort: ONNX Runtime. trt: the artifact's TensorRT engine (llama-build). torch: the reference "
                    "PyTorch model on the artifact's weights.")
-def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
+@click.option("--show-stats", is_flag=True,
+              help="After each answer, print to stderr its prompt tokens, how many were reused from the turns "
+                   "before, and its new tokens.")
+def main(directory, system, max_new_tokens, temperature, top_p, seed, backend, show_stats):
     """Chat with an artifact in the Llama-2-chat format, streaming each answer.
 
     The conversation is kept while it fits in the context window; the oldest turns are dropped
-    when it does not. Type /reset to start over, /quit (or end the input) to leave. Without a
-    terminal (input from a pipe or file) the exit status is 2 if a message was refused.
+    when it does not. On a static-cache artifact the keys and values of the conversation so far are
+    kept between turns, and each turn prefills only what is new. Type /reset to start over, /quit (or
+    end the input) to leave. Without a terminal (input from a pipe or file) the exit status is 2 if a
+    message was refused.
     """
     relaunch_with_huge_pages()  # once, before any weight is loaded
     try:
@@ -57,6 +63,8 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     window, turns = backend.max_length, []
+    # one slot that keeps the conversation's keys and values: each turn prefills only what the last did not hold
+    batcher = InflightBatcher(backend, tokenizer, slots=1, max_queue=1) if serves_slots(backend) else None
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the tokenizer, which names them
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -90,14 +98,31 @@ def main(directory, system, max_new_tokens, temperature, top_p, seed, backend):
                        f"Send a shorter message or /reset.", err=True)
             refused = True
             continue
-        run = Generation(backend, tokenizer, [ids], window, min(max_new_tokens, window - len(ids)), params)
-        for deltas in run:
-            click.echo(deltas[0], nl=False)
-        click.echo()
-        answer = run.results[0]
+        answer = say(backend, batcher, tokenizer, ids, window, min(max_new_tokens, window - len(ids)), params)
+        if show_stats:
+            click.echo(f"({len(ids)} prompt tokens, {getattr(answer, 'cached_tokens', 0)} reused; "
+                       f"{len(answer.tokens)} new tokens)", err=True)
         if answer.finish_reason == "length" and len(ids) + len(answer.tokens) >= window:
             click.echo("(the answer stopped at the end of the context window)", err=True)
         turns = kept + [{"role": "assistant", "content": answer.text}]
+
+
+def say(backend, batcher, tokenizer, ids: list[int], window: int, max_new_tokens: int, params):
+    """Stream one answer to stdout; its result (tokens, text, finish_reason; from the batcher, cached_tokens too)."""
+    if batcher is None:
+        run = Generation(backend, tokenizer, [ids], window, max_new_tokens, params)
+        for deltas in run:
+            click.echo(deltas[0], nl=False)
+        click.echo()
+        return run.results[0]
+    handle = batcher.submit(Request(ids, max_new_tokens, params))
+    for event in handle:
+        click.echo(event.text, nl=False)
+    click.echo()
+    done = handle.result()
+    if done.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {done.error}")
+    return done
 
 
 if __name__ == "__main__":

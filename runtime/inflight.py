@@ -6,17 +6,22 @@ backend's `SlotCache` keeps every row's length and mask). Its own thread runs th
 
 1. cancelled rows leave;
 2. admission: waiting requests take free slots in arrival order and are prefilled **alone**, one after the
-   other (batch 1, the whole prompt, written straight into the slot's rows of the shared buffers), while this
-   step's prefilled prompt tokens stay within `prefill_tokens_per_step` (default 256; the first one always goes: a
-   prompt is never split). A prefill alone is the very computation of the request's solo run, so its first token is, bit
-   for bit, the solo run's; the first token is sent as soon as its prefill ends. The running rows wait at most
+   other (batch 1, written straight into the slot's rows of the shared buffers), while this step's prefilled prompt
+   tokens stay within `prefill_tokens_per_step` (default 256; the first one always goes: a prompt is never split).
+   A free slot keeps the sequence that last ran in it: a request takes the free slot whose kept tokens share the
+   longest prefix with its prompt, and only the rest of the prompt is prefilled, at that position (prefix reuse;
+   `Request.cache_prompt=False` or `reuse_prefixes=False` prefill the whole prompt). A whole prompt prefilled alone
+   is the very computation of the request's solo run, so its first token is, bit for bit, the solo run's; a suffix
+   prefilled after a kept prefix sums in another order (tested: the same greedy tokens, logits within the fp32
+   parity threshold). The first token is sent as soon as its prefill ends. The running rows wait at most
    `max(prefill_tokens_per_step, one prompt)` tokens of prefill per step (a prompt is at most one window);
 3. one decode step over all running rows, each at its own position (per-row `write_indices`, positions and
    mask rows, which the static graph takes per row), on the buffers in place (IOBinding, no copy).
 
 Running rows always fill rows `0..n-1` of the cache, so a decode step runs exactly the running rows: a row that
 finishes (or is cancelled) frees its slot at once, and the top row moves down into it (one copy of that row's
-filled positions, once per finished request, never per step). Each request samples with its own numpy Generator
+filled positions, once per finished request, never per step); with prefix reuse the two rows are swapped, so the
+finished sequence stays in the cache as the top free row. A sequence whose step failed is never kept. Each request samples with its own numpy Generator
 seeded from its `params.seed`, so a request's tokens do not depend on its neighbours: greedy ones equal its solo
 `llama-generate` run, and so do seeded sampled ones.
 
@@ -65,6 +70,7 @@ class Request:
     stop_strings: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False  # run to max_new_tokens past end-of-sequence (load benchmarks)
+    cache_prompt: bool = True  # False: prefill the whole prompt (the solo run's exact computation), reuse nothing
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Completion:
     queued_s: float  # submit → admitted into a slot
     ttft_s: float | None  # submit → first token
     token_times_s: list[float]  # the gaps between successive tokens after the first
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a slot's earlier sequence
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class _Sequence:
     stops: set[int]
     stop_strings: tuple[str, ...]
     on_event: Callable[[Event], None] | None
+    cache_prompt: bool = True
+    cached: int = 0  # prompt tokens taken from a kept slot
     row: Row = None
     rng: np.random.Generator = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -144,7 +153,7 @@ class InflightBatcher:
     Thread-safe: submit and cancel from any thread."""
 
     def __init__(self, backend, tokenizer: LlamaTokenizer, slots: int = 4, max_queue: int = 64,
-                 prefill_tokens_per_step: int | None = None):
+                 prefill_tokens_per_step: int | None = None, reuse_prefixes: bool = True):
         if not serves_slots(backend):
             raise ValueError(f"the in-flight batcher needs a static-cache backend; {type(backend).__name__} runs a "
                              f"growing cache: re-export with `llama-export ... --kv-cache static --max-seq-len N`")
@@ -157,12 +166,16 @@ class InflightBatcher:
         self.vocab_size = tokenizer.vocab_size
         self._cache = backend.slot_cache(slots)
         self._rows: list[_Sequence] = []  # row i of the cache holds _rows[i]; rows 0..n-1, no gaps
+        # free rows n..slots-1 keep the sequence that last ran there: its token ids, and when it was last used
+        self._reuse = reuse_prefixes and hasattr(backend, "swap_rows")
+        self._kept: list[list[int]] = [[] for _ in range(slots)]
+        self._used = [0.0] * slots
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._closing = False
         self._stats = {"steps": 0, "prefills": 0, "tokens_generated": 0, "requests_done": 0, "errors": 0,
-                       "max_running_in_a_step": 0}
+                       "max_running_in_a_step": 0, "prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
         self._rows_per_step: collections.Counter[int] = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="inflight-batcher", daemon=True)
         self._thread.start()
@@ -170,7 +183,7 @@ class InflightBatcher:
     @classmethod
     def open(cls, artifact_dir: str | Path, slots: int = 4, max_queue: int = 64, backend: str = "ort",
              threads: int | None = None, prefill_tokens_per_step: int | None = None,
-             log: Callable[[str], None] | None = None) -> "InflightBatcher":
+             log: Callable[[str], None] | None = None, reuse_prefixes: bool = True) -> "InflightBatcher":
         """The artifact's backend and tokenizer under a batcher (`log` hears of large files being hashed)."""
         artifact = Artifact.open(artifact_dir, log=log)
         if artifact.flavour != "static":
@@ -179,7 +192,7 @@ class InflightBatcher:
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{artifact_dir}: the artifact has no tokenizer.model; re-export with --tokenizer")
         return cls(open_backend(artifact, backend, threads), LlamaTokenizer(artifact.tokenizer_path), slots,
-                   max_queue, prefill_tokens_per_step)
+                   max_queue, prefill_tokens_per_step, reuse_prefixes)
 
     # ---- the callers' side -----------------------------------------------------------------------------------
 
@@ -212,10 +225,10 @@ class InflightBatcher:
                 raise Busy(f"busy: the waiting queue is full ({len(self._waiting)} of {self.max_queue} requests "
                            f"waiting for {self.slots} slots); retry later")
             handles = []
-            for (ids, max_new_tokens, params, stops, stop_strings), on_event in zip(checked, on_events):
+            for (ids, max_new_tokens, params, stops, stop_strings, cache_prompt), on_event in zip(checked, on_events):
                 handles.append(Handle(self, next(self._ids)))
                 self._waiting.append(_Sequence(handles[-1], ids, max_new_tokens, params, stops, stop_strings,
-                                               on_event))
+                                               on_event, cache_prompt))
             self._cond.notify()
         return handles
 
@@ -241,7 +254,7 @@ class InflightBatcher:
         if bad:
             raise RequestRejected(f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
-        return ids, int(request.max_new_tokens), params, stops, tuple(request.stop_strings)
+        return ids, int(request.max_new_tokens), params, stops, tuple(request.stop_strings), bool(request.cache_prompt)
 
     def stats(self) -> dict:
         with self._cond:
@@ -317,7 +330,9 @@ class InflightBatcher:
             seq.row, seq.rng = Row(seq.prompt), np.random.default_rng(seq.params.seed)
             seq.row.start(self.tokenizer)
             try:
-                logits = self.backend.step_rows(self._cache, row, row + 1, np.array([seq.prompt], np.int64))
+                seq.cached = self._take_row(row, seq)
+                logits = self.backend.step_rows(self._cache, row, row + 1,
+                                                np.array([seq.prompt[seq.cached:]], np.int64))
                 token = self._sample(seq, logits[0:1])
             except Exception as err:
                 log.warning("prefill of request %d failed: %s", seq.handle.id, err)
@@ -386,17 +401,65 @@ class InflightBatcher:
         return False
 
     def _leave(self, rows: list[int], reason: str | None = None) -> None:
-        """These rows leave the batch (finished already, or for `reason`); the top rows move down into the gaps."""
+        """These rows leave the batch (finished already, or for `reason`); the top rows move down into the gaps. With
+        prefix reuse, a sequence that did not fail stays in its row's cache, which becomes the top free row."""
         for row in sorted(rows, reverse=True):
             seq, top = self._rows[row], len(self._rows) - 1
             if reason and not seq.handle.done():
                 self._finish(seq, reason)
-            if row != top:
+            failed = seq.handle._completion is not None and seq.handle._completion.finish_reason == "error"
+            if self._reuse and not failed and self._keep(row, top, seq):
+                pass
+            elif row != top:
                 self.backend.move_row(self._cache, top, row)
                 self._rows[row] = self._rows[top]
+                self._kept[top] = []
             else:
                 self.backend.clear_row(self._cache, row)
+                self._kept[row] = []
             self._rows.pop()
+
+    def _keep(self, row: int, top: int, seq: _Sequence) -> bool:
+        """Move a finished sequence to the top row (swapping with the running one there) and keep it; False where
+        the backend cannot swap rows of this cache (prefix reuse is then off)."""
+        try:
+            self.backend.swap_rows(self._cache, row, top)
+        except NotImplementedError:
+            self._reuse = False
+            return False
+        if row != top:
+            self._rows[row] = self._rows[top]
+        length = int(self._cache.lengths[top])
+        self._kept[top] = (seq.prompt + seq.row.tokens)[:length]
+        self._used[top] = time.monotonic()
+        return True
+
+    def _take_row(self, row: int, seq: _Sequence) -> int:
+        """Make free row `row` ready for `seq`: the kept sequence sharing the longest prefix with its prompt is
+        swapped in and cut to that prefix (at least one prompt token is left to prefill, for its logits); without a
+        match, the least recently used row is emptied. The number of prompt tokens reused."""
+        free = range(row, self.slots)
+        common = {r: 0 for r in free}
+        if self._reuse and seq.cache_prompt:
+            limit = len(seq.prompt) - 1
+            for r in free:
+                common[r] = _common_prefix(self._kept[r], seq.prompt, limit)
+            with self._cond:
+                self._stats["prefix_queried_tokens"] += len(seq.prompt)
+        source = max(free, key=lambda r: (common[r], -self._used[r]))
+        if source != row:
+            self.backend.swap_rows(self._cache, source, row)
+            self._kept[source], self._kept[row] = self._kept[row], self._kept[source]
+            self._used[source], self._used[row] = self._used[row], self._used[source]
+        reused = common[source]
+        if reused:
+            self.backend.truncate_row(self._cache, row, reused)
+            with self._cond:
+                self._stats["prefix_hit_tokens"] += reused
+        else:
+            self.backend.clear_row(self._cache, row)
+        self._kept[row] = []
+        return reused
 
     def _finish(self, seq: _Sequence, reason: str, error: BaseException | None = None, text: str = "",
                 tokens: list[int] | None = None) -> None:
@@ -405,7 +468,8 @@ class InflightBatcher:
             tokens=list(row.tokens) if row else [], text=row.text if row else "", finish_reason=reason,
             error=f"{type(error).__name__}: {error}" if error is not None else None, prompt_tokens=len(seq.prompt),
             queued_s=(seq.admitted if seq.admitted is not None else time.perf_counter()) - seq.submitted,
-            ttft_s=seq.first - seq.submitted if seq.first is not None else None, token_times_s=list(seq.gaps))
+            ttft_s=seq.first - seq.submitted if seq.first is not None else None, token_times_s=list(seq.gaps),
+            cached_tokens=seq.cached)
         with self._cond:
             self._stats["requests_done"] += 1
             self._stats["errors"] += reason == "error"
@@ -421,3 +485,12 @@ class InflightBatcher:
                 seq.on_event(event)
             except Exception:
                 log.exception("on_event of request %d raised; ignored", seq.handle.id)
+
+
+def _common_prefix(kept: list[int], prompt: list[int], limit: int) -> int:
+    """How many leading tokens `kept` and `prompt` share, at most `limit`."""
+    n = min(len(kept), limit)
+    if n <= 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(kept[:n]) != np.asarray(prompt[:n]))
+    return int(differ[0]) if differ.size else n

@@ -319,3 +319,65 @@ def test_load_bench_reports_consistent_figures(artifacts):
     bad = subprocess.run([sys.executable, "-m", "llama_export.runtime.load_bench", str(artifact.directory), "--concurrency", "0,2"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give client counts ≥ 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- prefix reuse: a finished sequence stays in its slot, and a prompt that starts with it prefills only the rest --
+
+
+@pytest.mark.parametrize("case", ["tiny", "gqa"])
+def test_a_suffix_prefilled_against_a_kept_prefix_gives_the_whole_prefills_logits(artifacts, case):
+    """The backend alone: a prompt prefilled whole in one row, and in another as a kept prefix cut back (truncate)
+    and its suffix. The float sums differ; the logits stay within the fp32 parity threshold, the argmax equal."""
+    artifact, backend = artifacts(case)
+    prompt = np.random.default_rng(5).integers(3, 4000, 40)[None]
+    cache = backend.slot_cache(2)
+    whole = backend.step_rows(cache, 0, 1, prompt).copy()
+    backend.step_rows(cache, 1, 2, np.concatenate([prompt[:, :25], [[7, 8, 9]]], axis=1))  # a longer, other tail
+    backend.truncate_row(cache, 1, 25)
+    suffix = backend.step_rows(cache, 1, 2, prompt[:, 25:]).copy()
+    delta = float(np.abs(whole - suffix).max())
+    print(f"{case}: max |logit whole - prefix+suffix| = {delta:.2e}")
+    assert delta <= 2e-3 and whole.argmax() == suffix.argmax()
+
+
+@pytest.mark.parametrize("case", ["tiny", "gqa"])
+def test_a_conversation_reuses_its_slot_and_equals_the_uncached_run(artifacts, tokenizer, case):
+    """Three turns, each prompt the previous prompt + its answer + new text: from the second turn on, all but the
+    last token of what the slot holds is reused, and the greedy tokens equal the solo run's; cache_prompt=False
+    reuses nothing and gives the same tokens."""
+    artifact, backend = artifacts(case)
+    rng = np.random.default_rng(11)
+    prompt = rng.integers(3, 4000, 12).tolist()
+    with InflightBatcher(backend, tokenizer, slots=2) as batcher:
+        for turn in range(3):
+            request = Request(prompt, 8)
+            want = solo(backend, tokenizer, request)
+            got = batcher.submit(request).result(30)
+            uncached = batcher.submit(Request(prompt, 8, cache_prompt=False)).result(30)
+            assert got.tokens == want.tokens and uncached.tokens == want.tokens, turn
+            assert uncached.cached_tokens == 0
+            if turn:
+                assert got.cached_tokens == held, (turn, got.cached_tokens, held)
+            held = len(prompt) + len(got.tokens) - 1  # the last sampled token was never fed
+            prompt = prompt + got.tokens + rng.integers(3, 4000, 6).tolist()
+        stats = batcher.stats()
+    assert stats["prefix_hit_tokens"] > 0 and stats["prefix_queried_tokens"] > stats["prefix_hit_tokens"]
+
+
+def test_the_longest_kept_prefix_is_chosen_and_a_failed_prefill_keeps_nothing(artifacts, tokenizer):
+    artifact, backend = artifacts("gqa")
+    rng = np.random.default_rng(12)
+    a, b, c = (rng.integers(3, 3999, 20).tolist() for _ in range(3))
+    poison = 4000
+    faulty = FaultyBackend(backend, poison, decode_fault=10 ** 9)
+    with InflightBatcher(faulty, tokenizer, slots=3) as batcher:
+        for prompt in (a, b, c):  # one after the other: each ends in a slot of its own
+            batcher.submit(Request(prompt, 4)).result(30)
+        follow = Request(b + [5, 6, 7], 6)
+        got = batcher.submit(follow).result(30)
+        assert got.cached_tokens == len(b)  # b's row (a's and c's share nothing with it)
+        assert got.tokens == solo(backend, tokenizer, follow).tokens
+        failed = batcher.submit(Request([poison] + a[1:], 4)).result(30)
+        assert failed.finish_reason == "error"
+        again = batcher.submit(Request([poison] + a[1:] + [9], 4, params=SamplingParams())).result(30)
+        assert again.finish_reason == "error" and again.cached_tokens == 0  # nothing of the failed one was kept

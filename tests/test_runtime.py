@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -329,6 +330,33 @@ def test_chat_keeps_history_and_reports_a_full_window(artifacts, tokenizer):
     assert out.stdout.splitlines()[:len((first.text + "\n" + second.text).splitlines())] == \
         (first.text + "\n" + second.text).splitlines()
     assert f"the context window is {window}" in out.stderr
+
+
+def test_chat_on_a_static_artifact_prefills_only_each_new_turn(artifacts, tokenizer):
+    """On a static-cache artifact llama-chat keeps the conversation in one slot: the second turn reuses at least
+    the whole first prompt, the third at least the second's, and every answer equals the solo run of its dialog."""
+    from llama_export.runtime.chat import chat_prompt_ids
+
+    artifact, _ = artifacts("tiny", "ort-static")
+    backend = StaticOrtBackend(artifact)
+    questions = ["What is a list?", "And a tuple?", "Thanks."]
+    out = subprocess.run([sys.executable, "-m", "llama_export.runtime.chat_cli", str(artifact.directory),
+                          "--max-new-tokens", "8", "--show-stats"], input="\n".join(questions) + "\n",
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    stats = [tuple(map(int, m)) for m in re.findall(r"\((\d+) prompt tokens, (\d+) reused; (\d+) new tokens\)",
+                                                    out.stderr)]
+    dialog, answers, lengths = [], [], []
+    for question in questions:
+        dialog.append({"role": "user", "content": question})
+        ids = chat_prompt_ids(tokenizer, dialog)
+        answer = generate(backend, tokenizer, [ids], artifact.max_length, 8)[0]
+        answers.append(answer.text)
+        lengths.append(len(ids))
+        dialog.append({"role": "assistant", "content": answer.text})
+    assert [s[0] for s in stats] == lengths and stats[0][1] == 0
+    assert stats[1][1] >= lengths[0] and stats[2][1] >= lengths[1], stats
+    assert out.stdout.splitlines() == "\n".join(answers).splitlines()
 
 
 def test_bench_reports_consistent_figures(artifacts):

@@ -40,7 +40,8 @@ SLOTS = 4
 def served(artifact, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(artifact, repo, "llama", slots=SLOTS, queue=32, threads=1)
-    write_repository(artifact, repo, "tight", slots=1, queue=1, threads=1)  # for the full queue
+    write_repository(artifact, repo, "tight", slots=1, queue=1, threads=1,  # for the full queue
+                     prefix_reuse=False)
     server = Served(repo, "--openai", "0", "--model", "llama")
     yield server
     assert server.stop() == 0, server.stderr
@@ -258,7 +259,7 @@ def test_config_is_generated_valid_and_complete(artifact, tmp_path):
     assert config.name == "m" and config.backend == "python" and config.model_transaction_policy.decoupled
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
     assert {i.name: mc.DataType.Name(i.data_type) for i in config.input}["text_input"] == "TYPE_STRING"
-    assert {o.name for o in config.output} == {"text_output", "token_ids", "finish_reason"}
+    assert {o.name for o in config.output} == {"text_output", "token_ids", "finish_reason", "cached_tokens"}
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["SLOTS"] == "3" and params["QUEUE"] == "5" and params["EXECUTION_ENV_PATH"] == sys.prefix
     assert (target / "1" / "model.py").read_text() == (Path(serving.__file__).parent / "model.py").read_text()
@@ -395,3 +396,31 @@ def test_llama_serve_takes_an_artifact_directly(artifact, reference):
     finally:
         assert server.stop() == 0, server.stderr
     assert not pid_alive(server.server_pid) and not server.leftover_shm()
+
+
+def test_a_conversation_reuses_the_slot_it_left_through_the_openai_endpoint(served, reference):
+    """Each turn re-sends the conversation: from the second turn the prompt's kept prefix is reused (usage's
+    prompt_tokens_details.cached_tokens, the model's hit counter) and the answer equals the solo run; llama.cpp's
+    cache_prompt: false reuses nothing and answers the same; a cache_prompt that is not a boolean is a 400."""
+    url = served.endpoints["openai"] + "/completions"
+    hits = 'llama_prefix_cache_hit_tokens_total{model="llama"}'
+    before = served.metrics().get(hits, 0)
+    ids = reference.tokenizer.encode("The tutorial explains how lists")
+    cached_seen = []
+    for turn in range(3):
+        want = reference.ids(ids, 10)
+        got = httpx.post(url, json={"prompt": ids, "max_tokens": 10, "temperature": 0}, timeout=60).json()
+        plain = httpx.post(url, json={"prompt": ids, "max_tokens": 10, "temperature": 0, "cache_prompt": False},
+                           timeout=60).json()
+        assert got["choices"][0]["text"] == want.text == plain["choices"][0]["text"], turn
+        assert plain["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        cached_seen.append(got["usage"]["prompt_tokens_details"]["cached_tokens"])
+        ids = ids + want.tokens + reference.tokenizer.encode("And then")[1:]
+    assert cached_seen[1] > 0 and cached_seen[2] > cached_seen[1], cached_seen
+    assert served.wait_metric(hits, lambda v: v >= before + sum(cached_seen)) >= before + sum(cached_seen)
+    # `tight` is served with --no-prefix-reuse: the same conversation twice reuses nothing
+    for _ in range(2):
+        off = generate(served, {"input_ids": ids, "max_tokens": 4, "exclude_input_in_output": True}, "tight").json()
+        assert off["cached_tokens"] == 0 and off["token_ids"] == reference.ids(ids, 4).tokens
+    r = httpx.post(url, json={"prompt": "x", "cache_prompt": "no"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "cache_prompt must be true or false, got 'no'"

@@ -71,6 +71,12 @@ class SlotBackend(Backend, Protocol):
     def move_row(self, cache, source: int, target: int) -> None:
         """Put row `source`'s sequence in row `target` (source is left empty)."""
 
+    def swap_rows(self, cache, a: int, b: int) -> None:
+        """Exchange the sequences of rows `a` and `b` (a finished sequence kept for its prefix, say)."""
+
+    def truncate_row(self, cache, row: int, length: int) -> None:
+        """Keep the first `length` positions of a row's sequence; the next step on it writes from there."""
+
 
 def serves_slots(backend) -> bool:
     """Whether the backend serves a pool of sequences (`SlotBackend`): a static-cache ort or trt backend."""

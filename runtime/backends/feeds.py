@@ -101,3 +101,14 @@ class SlotState:
     def move(self, source: int, target: int) -> None:
         self.mask[target], self.lengths[target] = self.mask[source], self.lengths[source]
         self.clear(source)
+
+    def swap(self, a: int, b: int) -> None:
+        self.mask[[a, b]] = self.mask[[b, a]]
+        self.lengths[[a, b]] = self.lengths[[b, a]]
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep the row's first `length` positions (a cached prefix): the rest is unmarked, to be written again."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {int(self.lengths[row])} positions; cannot keep {length}")
+        self.mask[row, length:] = 0
+        self.lengths[row] = length

@@ -221,6 +221,21 @@ class StaticOrtBackend(OrtBackend):
             self._row_copier(cache, source, target)
         cache.move(source, target)
 
+    def swap_rows(self, cache: SlotCache, a: int, b: int) -> None:
+        if a == b:
+            return
+        if not cache.host:
+            raise NotImplementedError("swapping rows of a device cache: only host caches keep finished rows")
+        la, lb = int(cache.lengths[a]), int(cache.lengths[b])
+        for array in cache.host:
+            kept = array[a, :, :la].copy()
+            array[a, :, :lb] = array[b, :, :lb]
+            array[b, :, :la] = kept
+        cache.swap(a, b)
+
+    def truncate_row(self, cache: SlotCache, row: int, length: int) -> None:
+        cache.truncate(row, length)  # the positions past it stay, masked, until written again
+
     def _row_copier(self, cache: SlotCache, source: int, target: int) -> None:
         import onnxruntime as ort
         from onnx import TensorProto, helper

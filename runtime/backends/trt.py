@@ -359,3 +359,16 @@ class TrtBackend:
                 buffer[target].copy_(buffer[source])
         cache.move(source, target)
 
+    def swap_rows(self, cache: TrtSlotCache, a: int, b: int) -> None:
+        if a == b:
+            return
+        with self.torch.cuda.stream(self.stream):
+            for buffer in cache.buffers:
+                kept = buffer[a].clone()
+                buffer[a].copy_(buffer[b])
+                buffer[b].copy_(kept)
+        cache.swap(a, b)
+
+    def truncate_row(self, cache: TrtSlotCache, row: int, length: int) -> None:
+        cache.truncate(row, length)
+

@@ -24,16 +24,19 @@ INPUTS = {
     "stop": ("TYPE_STRING", "stop strings: the text ends before the first one found"),
     "ignore_eos": ("TYPE_BOOL", "run to max_tokens past end-of-sequence (load tests, as vLLM's ignore_eos)"),
     "exclude_input_in_output": ("TYPE_BOOL", "non-streaming: false (default) puts the prompt before the answer"),
+    "cache_prompt": ("TYPE_BOOL", "false: prefill the whole prompt, reusing no kept slot (llama.cpp's name)"),
 }
 OUTPUTS = {
     "text_output": ("TYPE_STRING", "new text (streaming: since the previous response)"),
     "token_ids": ("TYPE_INT32", "new token ids (streaming: since the previous response)"),
     "finish_reason": ("TYPE_STRING", "'' until the last response, then stop | length | cancelled | error"),
+    "cached_tokens": ("TYPE_INT32", "the last response only: prompt tokens reused from a kept slot"),
 }
 DEFAULT_MAX_TOKENS = 64
 
 # config.pbtxt parameters the model reads
 ARTIFACT, SLOTS, QUEUE, THREADS, BACKEND = "ARTIFACT", "SLOTS", "QUEUE", "THREADS", "BACKEND"
+PREFIX_REUSE = "PREFIX_REUSE"  # "1" (default): a free slot keeps its sequence for a prompt that starts with it
 EXECUTION_ENV_PATH = "EXECUTION_ENV_PATH"
 
 # stopping: llama-serve names a directory in the server's environment; the model polls it for STOP_FILE (its

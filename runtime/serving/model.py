@@ -98,7 +98,8 @@ class TritonPythonModel:
         self.name = config["name"]
         self.batcher = InflightBatcher.open(artifact, slots=int(params.get(interface.SLOTS, "4")),
                                             max_queue=int(params.get(interface.QUEUE, "64")),
-                                            backend=params.get(interface.BACKEND, "ort"), threads=threads)
+                                            backend=params.get(interface.BACKEND, "ort"), threads=threads,
+                                            reuse_prefixes=params.get(interface.PREFIX_REUSE, "1") != "0")
         self.max_queue = int(params.get(interface.QUEUE, "64"))
         self.tokenizer = LlamaTokenizer(artifact / "tokenizer.model")
         self.window = self.batcher.max_length
@@ -134,10 +135,17 @@ class TritonPythonModel:
         self.f_open = F(name=p + "open_requests", kind=F.GAUGE,
                         description="Requests taken and not yet ended with their final response")
         self.m_open = self.f_open.Metric(labels=labels)
+        self.f_queried = F(name=p + "prefix_cache_queried_tokens_total", kind=F.COUNTER,
+                           description="Prompt tokens of requests that may reuse a kept slot's prefix")
+        self.m_queried = self.f_queried.Metric(labels=labels)
+        self.f_hit = F(name=p + "prefix_cache_hit_tokens_total", kind=F.COUNTER,
+                       description="Prompt tokens reused from a kept slot instead of prefilled")
+        self.m_hit = self.f_hit.Metric(labels=labels)
         self.f_shared = F(name=p + "max_running_in_a_step", kind=F.GAUGE,
                           description="Most requests that shared one batcher step so far")
         self.m_shared = self.f_shared.Metric(labels=labels)
         self.steps_reported = 0
+        self.reported = {"prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
         self.gauges_at = 0.0
         self.closing = False
 
@@ -155,6 +163,10 @@ class TritonPythonModel:
         if stats["steps"] > self.steps_reported:
             self.m_steps.increment(stats["steps"] - self.steps_reported)
             self.steps_reported = stats["steps"]
+        for key, metric in (("prefix_queried_tokens", self.m_queried), ("prefix_hit_tokens", self.m_hit)):
+            if stats[key] > self.reported[key]:
+                metric.increment(stats[key] - self.reported[key])
+                self.reported[key] = stats[key]
 
     # ---- requests ----------------------------------------------------------------------------------------
 
@@ -205,8 +217,9 @@ class TritonPythonModel:
         exclude = bool(_scalar(request, "exclude_input_in_output", bool, False))
         prefix = "" if stream or exclude else (prompt if prompt is not None else self.tokenizer.decode(prompt_ids))
         ignore_eos = bool(_scalar(request, "ignore_eos", bool, False))
+        cache_prompt = bool(_scalar(request, "cache_prompt", bool, True))
         return (Request(prompt=prompt_ids, max_new_tokens=max_tokens, params=params, stop_strings=stops,
-                        ignore_eos=ignore_eos), stream, prefix)
+                        ignore_eos=ignore_eos, cache_prompt=cache_prompt), stream, prefix)
 
     def execute(self, requests):
         for request in requests:
@@ -246,11 +259,13 @@ class TritonPythonModel:
 
     # ---- responses (the sender thread) -------------------------------------------------------------------
 
-    def _response(self, text: str, tokens, reason: str):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("token_ids", np.asarray(tokens, dtype=np.int32).reshape(-1)),
-            pb_utils.Tensor("finish_reason", np.array([reason.encode("utf-8")], dtype=np.object_))])
+    def _response(self, text: str, tokens, reason: str, cached: int | None = None):
+        tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+                   pb_utils.Tensor("token_ids", np.asarray(tokens, dtype=np.int32).reshape(-1)),
+                   pb_utils.Tensor("finish_reason", np.array([reason.encode("utf-8")], dtype=np.object_))]
+        if cached is not None:  # the last response
+            tensors.append(pb_utils.Tensor("cached_tokens", np.array([cached], dtype=np.int32)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _send(self, live: Live, response, flags=0):
         if live.ended:  # a response after the final one would be refused by the server: a bug to see in the log
@@ -293,11 +308,12 @@ class TritonPythonModel:
             self._end(live, lambda: pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(f"generation failed: {done.error}")))
         elif live.stream:
-            self._end(live, lambda: self._response(event.text, event.tokens, done.finish_reason))
+            self._end(live, lambda: self._response(event.text, event.tokens, done.finish_reason, done.cached_tokens))
         else:
             live.text.append(event.text)
             live.tokens += event.tokens
-            self._end(live, lambda: self._response(live.prefix + "".join(live.text), live.tokens, done.finish_reason))
+            self._end(live, lambda: self._response(live.prefix + "".join(live.text), live.tokens, done.finish_reason,
+                                                   done.cached_tokens))
         self._count(done.finish_reason)
         self.m_tokens.increment(len(done.tokens))
         if done.ttft_s is not None:

@@ -49,6 +49,13 @@ def _number(body: dict, name: str, kind, default):
     return kind(value)
 
 
+def _flag(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, got {value!r}", name)
+    return value
+
+
 def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -84,10 +91,12 @@ class Frontend:
                             temperature=_number(body, "temperature", float, 1.0),
                             top_p=_number(body, "top_p", float, 1.0),
                             seed=secrets.randbelow(2**31) if seed is None else seed, stop=_stops(body) or None,
-                            ignore_eos=bool(body.get("ignore_eos", False)))  # vLLM's and llama.cpp's extension
+                            ignore_eos=bool(body.get("ignore_eos", False)),  # vLLM's and llama.cpp's extension
+                            cache_prompt=_flag(body, "cache_prompt", True))  # llama.cpp's
 
     async def generate(self, inputs):
-        """(text, new token count, finish_reason or None) per Triton response, over one gRPC stream.
+        """(text, new token ids, finish_reason or None, cached prompt tokens or None) per Triton response, over
+        one gRPC stream (the last two are given in the last piece).
 
         The stream is read to its end (the server closes it after the final response) before the final piece is
         given out, and it is cancelled only while its request is still running: a gRPC stream cancelled after its
@@ -108,8 +117,10 @@ class Frontend:
                 tokens = result.as_numpy("token_ids")
                 reason = result.as_numpy("finish_reason")
                 reason = reason.reshape(-1)[0].decode() if reason is not None and reason.size else ""
+                cached = result.as_numpy("cached_tokens")
                 piece = (b"".join(text.reshape(-1)).decode("utf-8") if text is not None else "",
-                         0 if tokens is None else tokens.size, reason or None)
+                         [] if tokens is None else tokens.reshape(-1).tolist(), reason or None,
+                         int(cached.reshape(-1)[0]) if cached is not None and cached.size else None)
                 if reason:
                     final, answered = piece, True  # given out once the server has closed the stream
                 else:
@@ -166,19 +177,20 @@ class Frontend:
             inputs = self.inputs(ids, body, default_max)
             stream = bool(body.get("stream", False))
             usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+            tokens = _flag(body, "return_tokens", False)  # llama.cpp's: each piece's token ids too
         except BadRequest as err:
             return error_response(err)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": ident, "created": created, "model": self.model}
         if stream:
-            return StreamingResponse(self._events(head, chat, inputs, len(ids), usage_in_stream),
+            return StreamingResponse(self._events(head, chat, inputs, len(ids), usage_in_stream, tokens),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        pieces, count, reason = [], 0, None
+        pieces, new, reason, cached = [], [], None, 0
         try:
-            async for text, n, finish in self.generate(inputs):
+            async for text, new_ids, finish, reused in self.generate(inputs):
                 pieces.append(text)
-                count, reason = count + n, finish or reason
+                new, reason, cached = new + new_ids, finish or reason, reused if reused is not None else cached
         except BadRequest as err:
             return error_response(err)
         text = "".join(pieces)
@@ -186,9 +198,10 @@ class Frontend:
                   else {"index": 0, "text": text, "logprobs": None})
         choice["finish_reason"] = _openai_reason(reason)
         return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                             "usage": _usage(len(ids), count)})
+                             "usage": _usage(len(ids), len(new), cached), **({"tokens": new} if tokens else {})})
 
-    async def _events(self, head: dict, chat: bool, inputs, prompt_tokens: int, usage_in_stream: bool):
+    async def _events(self, head: dict, chat: bool, inputs, prompt_tokens: int, usage_in_stream: bool,
+                      tokens: bool = False):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices, **extra):
@@ -196,21 +209,21 @@ class Frontend:
 
         if chat:
             yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        count = 0
+        count = cached = 0
         try:
-            async for text, n, finish in self.generate(inputs):
-                count += n
-                if text:
+            async for text, new_ids, finish, reused in self.generate(inputs):
+                count, cached = count + len(new_ids), reused if reused is not None else cached
+                if text or (new_ids and tokens):
                     piece = {"content": text} if chat else None
                     yield event([{"index": 0, **({"delta": piece} if chat else {"text": text, "logprobs": None}),
-                                  "finish_reason": None}])
+                                  "finish_reason": None}], **({"tokens": new_ids} if tokens else {}))
                 if finish:
                     yield event([{"index": 0, **({"delta": {}} if chat else {"text": "", "logprobs": None}),
                                   "finish_reason": _openai_reason(finish)}])
         except BadRequest as err:
             yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'invalid_request_error'}})}\n\n"
         if usage_in_stream:
-            yield event([], usage=_usage(prompt_tokens, count))
+            yield event([], usage=_usage(prompt_tokens, count, cached))
         yield "data: [DONE]\n\n"
 
 
@@ -248,8 +261,9 @@ def _openai_reason(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def create_app(grpc_url: str, model: str, tokenizer, window: int) -> Starlette:

@@ -53,7 +53,7 @@ def execution_env() -> str | None:
 
 
 def model_config(name: str, artifact: str, slots: int, queue: int, threads: int | None, backend: str,
-                 env: str | None):
+                 env: str | None, prefix_reuse: bool = True):
     """The model's configuration as a ModelConfig message."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -66,7 +66,8 @@ def model_config(name: str, artifact: str, slots: int, queue: int, threads: int 
     kind = mc.ModelInstanceGroup.KIND_GPU if backend == "trt" else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=1, kind=kind)  # one batcher per model; its slots batch the requests
     parameters = {interface.ARTIFACT: artifact, interface.SLOTS: str(slots), interface.QUEUE: str(queue),
-                  interface.BACKEND: backend, interface.THREADS: str(threads or 0)}
+                  interface.BACKEND: backend, interface.THREADS: str(threads or 0),
+                  interface.PREFIX_REUSE: "1" if prefix_reuse else "0"}
     if env:
         parameters[interface.EXECUTION_ENV_PATH] = env
     for key, value in parameters.items():
@@ -88,7 +89,7 @@ def config_text(config) -> str:
 
 def write_repository(directory: Path, repo: Path, name: str = "llama", slots: int = 4, queue: int = 64,
                      threads: int | None = None, backend: str = "ort", copy: bool = False,
-                     force: bool = False) -> Path:
+                     force: bool = False, prefix_reuse: bool = True) -> Path:
     """Write REPO/NAME (config.pbtxt, 1/model.py, and with `copy` 1/artifact); the model directory."""
     if not NAME_RE.match(name):
         raise RepositoryError(f"--name {name!r}: use letters, digits, '_', '.', '-'")
@@ -102,7 +103,7 @@ def write_repository(directory: Path, repo: Path, name: str = "llama", slots: in
     if target.exists() and not force:
         raise RepositoryError(f"{target} already exists; remove it, pick another --name, or pass --force")
     location = "1/artifact" if copy else str(artifact.directory.resolve())
-    text = config_text(model_config(name, location, slots, queue, threads, backend, execution_env()))
+    text = config_text(model_config(name, location, slots, queue, threads, backend, execution_env(), prefix_reuse))
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=repo))  # renamed into place when complete
     try:
@@ -133,8 +134,11 @@ def write_repository(directory: Path, repo: Path, name: str = "llama", slots: in
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
               help="ort: ONNX Runtime (instance KIND_CPU). trt: the artifact's TensorRT engine (KIND_GPU).")
 @click.option("--copy", is_flag=True, help="Copy the artifact into the repository (else it is referred to by path).")
+@click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
+              help="A free slot keeps the sequence that last ran in it, and a prompt that starts with it prefills "
+                   "only the rest (off: every prompt is prefilled whole; see docs/inflight.md on isolation).")
 @click.option("--force", is_flag=True, help="Replace REPO/NAME if it exists.")
-def main(directory, repo, name, slots, queue, threads, backend, copy, force):
+def main(directory, repo, name, slots, queue, threads, backend, prefix_reuse, copy, force):
     """Write a Triton model repository serving a static-cache artifact DIRECTORY.
 
     \b
@@ -144,7 +148,7 @@ def main(directory, repo, name, slots, queue, threads, backend, copy, force):
       llama-serve repo
     """
     try:
-        target = write_repository(directory, repo, name, slots, queue, threads, backend, copy, force)
+        target = write_repository(directory, repo, name, slots, queue, threads, backend, copy, force, prefix_reuse)
     except RepositoryError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
