@@ -106,6 +106,7 @@ class _Sequence:
     on_event: Callable[[Event], None] | None
     cache_prompt: bool = True
     cached: int = 0  # prompt tokens taken from a kept slot
+    filled: int = 0  # prompt tokens whose keys and values are written (chunked prefill)
     row: Row = None
     rng: np.random.Generator = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -153,7 +154,8 @@ class InflightBatcher:
     Thread-safe: submit and cancel from any thread."""
 
     def __init__(self, backend, tokenizer: LlamaTokenizer, slots: int = 4, max_queue: int = 64,
-                 prefill_tokens_per_step: int | None = None, reuse_prefixes: bool = True):
+                 prefill_tokens_per_step: int | None = None, reuse_prefixes: bool = True,
+                 prefill_chunk: int | None = None):
         if not serves_slots(backend):
             raise ValueError(f"the in-flight batcher needs a static-cache backend; {type(backend).__name__} runs a "
                              f"growing cache: re-export with `llama-export ... --kv-cache static --max-seq-len N`")
@@ -163,6 +165,10 @@ class InflightBatcher:
         self.slots, self.max_queue = slots, max_queue
         self.max_length = backend.max_length
         self.prefill_tokens_per_step = prefill_tokens_per_step or PREFILL_TOKENS_PER_STEP
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1 (None: whole prompts)")
+        self.prefill_chunk = prefill_chunk
+        self._filling: _Sequence | None = None  # a long prompt prefilled a chunk per step, in row len(_rows)
         self.vocab_size = tokenizer.vocab_size
         self._cache = backend.slot_cache(slots)
         self._rows: list[_Sequence] = []  # row i of the cache holds _rows[i]; rows 0..n-1, no gaps
@@ -183,7 +189,8 @@ class InflightBatcher:
     @classmethod
     def open(cls, artifact_dir: str | Path, slots: int = 4, max_queue: int = 64, backend: str = "ort",
              threads: int | None = None, prefill_tokens_per_step: int | None = None,
-             log: Callable[[str], None] | None = None, reuse_prefixes: bool = True) -> "InflightBatcher":
+             log: Callable[[str], None] | None = None, reuse_prefixes: bool = True,
+             prefill_chunk: int | None = None) -> "InflightBatcher":
         """The artifact's backend and tokenizer under a batcher (`log` hears of large files being hashed)."""
         artifact = Artifact.open(artifact_dir, log=log)
         if artifact.flavour != "static":
@@ -192,7 +199,7 @@ class InflightBatcher:
         if artifact.tokenizer_path is None:
             raise ArtifactError(f"{artifact_dir}: the artifact has no tokenizer.model; re-export with --tokenizer")
         return cls(open_backend(artifact, backend, threads), LlamaTokenizer(artifact.tokenizer_path), slots,
-                   max_queue, prefill_tokens_per_step, reuse_prefixes)
+                   max_queue, prefill_tokens_per_step, reuse_prefixes, prefill_chunk)
 
     # ---- the callers' side -----------------------------------------------------------------------------------
 
@@ -288,7 +295,7 @@ class InflightBatcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._closing or self._waiting or self._rows):
+                while not (self._closing or self._waiting or self._rows or self._filling):
                     self._cond.wait()
                 if self._closing:
                     break
@@ -297,30 +304,41 @@ class InflightBatcher:
                     self._waiting.remove(seq)
                 admitted, budget = [], self.prefill_tokens_per_step
                 staying = sum(not seq.handle.cancelled for seq in self._rows)  # cancelled rows leave this step
-                while self._waiting and staying + len(admitted) < self.slots and \
+                # while a long prompt is prefilled chunk by chunk it holds the next row: nobody else is admitted
+                while self._filling is None and self._waiting and staying + len(admitted) < self.slots and \
                         (not admitted or len(self._waiting[0].prompt) <= budget):
                     admitted.append(self._waiting.popleft())
                     budget -= len(admitted[-1].prompt)
+                    if self.prefill_chunk and len(admitted[-1].prompt) > self.prefill_chunk:
+                        break  # it may take the next row for several steps: the last admitted of this step
             for seq in cancelled:
                 self._finish(seq, "cancelled")
             try:
                 self._step(admitted)
             except Exception as err:  # a fault outside the guarded calls: fail what the step held, keep serving
                 log.exception("in-flight batcher step failed")
-                for seq in [*admitted, *self._rows]:
+                filling, self._filling = self._filling, None
+                for seq in [*admitted, *self._rows, *([filling] if filling else [])]:
                     if not seq.handle.done():
                         self._finish(seq, "error", err)
-                for row in range(len(self._rows)):
+                for row in range(min(len(self._rows) + 1, self.slots)):
                     self.backend.clear_row(self._cache, row)
+                    self._kept[row] = []
                 self._rows = []
         with self._cond:
             left, self._waiting = [*self._rows, *self._waiting], collections.deque()
+        if self._filling is not None:
+            left.append(self._filling)
+            self.backend.clear_row(self._cache, len(self._rows))
+            self._filling = None
         for seq in left:
             self._finish(seq, "cancelled")
         self._rows = []
 
     def _step(self, admitted: list[_Sequence]) -> None:
         self._leave([row for row, seq in enumerate(self._rows) if seq.handle.cancelled], "cancelled")
+        if self._filling is not None:
+            self._prefill(self._filling)
         for seq in admitted:
             seq.admitted = time.perf_counter()
             if seq.handle.cancelled:
@@ -330,19 +348,13 @@ class InflightBatcher:
             seq.row, seq.rng = Row(seq.prompt), np.random.default_rng(seq.params.seed)
             seq.row.start(self.tokenizer)
             try:
-                seq.cached = self._take_row(row, seq)
-                logits = self.backend.step_rows(self._cache, row, row + 1,
-                                                np.array([seq.prompt[seq.cached:]], np.int64))
-                token = self._sample(seq, logits[0:1])
+                seq.cached = seq.filled = self._take_row(row, seq)
             except Exception as err:
                 log.warning("prefill of request %d failed: %s", seq.handle.id, err)
                 self.backend.clear_row(self._cache, row)
                 self._finish(seq, "error", err)
                 continue
-            self._stats["prefills"] += 1
-            self._rows.append(seq)
-            if self._advance(seq, token):
-                self._leave([row])
+            self._prefill(seq)
         if not self._rows:
             return
         rows = list(self._rows)
@@ -371,6 +383,37 @@ class InflightBatcher:
             if self._advance(seq, token):
                 finished.append(row)
         self._leave(finished)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        """Prefill the next part of `seq`'s prompt in row len(_rows): all of the rest, or with `prefill_chunk` at most
+        that many tokens (the sequence is then `_filling` until its last chunk). After the last part its first
+        token is sampled and it joins the running rows. A cancelled or failed prefill leaves its row empty: a
+        half-written prompt is never kept."""
+        row = len(self._rows)
+        if seq.handle.cancelled:
+            self._filling = None
+            self.backend.clear_row(self._cache, row)
+            self._finish(seq, "cancelled")
+            return
+        end = len(seq.prompt) if not self.prefill_chunk else min(len(seq.prompt), seq.filled + self.prefill_chunk)
+        try:
+            logits = self.backend.step_rows(self._cache, row, row + 1, np.array([seq.prompt[seq.filled:end]], np.int64))
+            seq.filled = end
+            token = self._sample(seq, logits[0:1]) if end == len(seq.prompt) else None
+        except Exception as err:
+            log.warning("prefill of request %d failed: %s", seq.handle.id, err)
+            self._filling = None
+            self.backend.clear_row(self._cache, row)
+            self._finish(seq, "error", err)
+            return
+        if token is None:
+            self._filling = seq
+            return
+        self._filling = None
+        self._stats["prefills"] += 1
+        self._rows.append(seq)
+        if self._advance(seq, token):
+            self._leave([row])
 
     @staticmethod
     def _is_greedy(seq: _Sequence) -> bool:
@@ -418,6 +461,18 @@ class InflightBatcher:
                 self.backend.clear_row(self._cache, row)
                 self._kept[row] = []
             self._rows.pop()
+            if self._filling is not None:  # the prompt being prefilled moves down with the running rows
+                self._lower(top + 1, top)
+
+    def _lower(self, source: int, target: int) -> None:
+        """Row `source`'s sequence to row `target` (free): swapped where rows are kept, else moved."""
+        if self._reuse:
+            self.backend.swap_rows(self._cache, source, target)
+            self._kept[source], self._kept[target] = self._kept[target], []
+            self._used[source] = self._used[target]
+        else:
+            self.backend.move_row(self._cache, source, target)
+            self._kept[source] = self._kept[target] = []
 
     def _keep(self, row: int, top: int, seq: _Sequence) -> bool:
         """Move a finished sequence to the top row (swapping with the running one there) and keep it; False where

@@ -381,3 +381,71 @@ def test_the_longest_kept_prefix_is_chosen_and_a_failed_prefill_keeps_nothing(ar
         assert failed.finish_reason == "error"
         again = batcher.submit(Request([poison] + a[1:] + [9], 4, params=SamplingParams())).result(30)
         assert again.finish_reason == "error" and again.cached_tokens == 0  # nothing of the failed one was kept
+
+
+# ---- chunked prefill: a long prompt is prefilled a chunk per step, between decode steps of the running rows -------
+
+
+class RecordingBackend:
+    """The real backend, its steps recorded as (first row, rows, tokens); `on_step` may act after each (the
+    computation is real)."""
+
+    def __init__(self, backend, on_step=None):
+        self.backend, self.calls, self.on_step = backend, [], on_step
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def step_rows(self, cache, start, stop, input_ids):
+        self.calls.append((start, stop - start, input_ids.shape[1]))
+        if self.on_step is not None:
+            self.on_step(self, input_ids)
+        return self.backend.step_rows(cache, start, stop, input_ids)
+
+
+@pytest.mark.parametrize("case", ["tiny", "gqa"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(artifacts, tokenizer, case):
+    """With prefill_chunk=16 a 70-token prompt arriving while two requests decode is prefilled in five parts, each
+    followed by a decode step of the two running rows; every request equals its solo run."""
+    artifact, backend = artifacts(case)
+    rng = np.random.default_rng(21)
+    short = [Request(rng.integers(3, 4000, 6).tolist(), 30) for _ in range(2)]
+    long = Request(rng.integers(3, 4000, 70).tolist(), 8)
+    want = [solo(backend, tokenizer, r) for r in (*short, long)]
+    recording = RecordingBackend(backend)
+    with InflightBatcher(recording, tokenizer, slots=4, prefill_chunk=16) as batcher:
+        first = [batcher.submit(r) for r in short]
+        for handle in first:
+            next(iter(handle))  # both decode
+        late = batcher.submit(long)
+        got = [h.result(60) for h in (*first, late)]
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    parts = [i for i, call in enumerate(recording.calls) if call[0] == 2 and call[2] > 1]  # row 2: the long one
+    assert [recording.calls[i][2] for i in parts] == [16, 16, 16, 16, 6], recording.calls
+    # the running rows decode after each part but the last (whose first token then joins them)
+    assert all(recording.calls[i + 1] == (0, 2, 1) for i in parts[:-1]), recording.calls
+
+
+def test_a_chunked_prefill_cancelled_or_failing_midway_keeps_nothing(artifacts, tokenizer):
+    artifact, backend = artifacts("gqa")
+    prompt = np.random.default_rng(22).integers(3, 4000, 60).tolist()
+    holder = {}
+
+    def cancel_after_second_part(recording, input_ids):
+        if input_ids.shape[1] == 16 and sum(c[2] == 16 for c in recording.calls) == 2:
+            holder["handle"].cancel()
+
+    recording = RecordingBackend(backend, cancel_after_second_part)
+    with InflightBatcher(recording, tokenizer, slots=2, prefill_chunk=16) as batcher:
+        holder["handle"] = batcher.submit(Request(prompt, 8))
+        cancelled = holder["handle"].result(30)
+        assert cancelled.finish_reason == "cancelled" and cancelled.tokens == [] and cancelled.ttft_s is None
+        again = batcher.submit(Request(prompt, 8)).result(30)
+        assert again.cached_tokens == 0, "a half-written prompt was kept"
+        assert again.tokens == solo(backend, tokenizer, Request(prompt, 8)).tokens
+    faulty = FaultyBackend(backend, poison=prompt[16], decode_fault=10 ** 9)  # the second part starts with it
+    with InflightBatcher(faulty, tokenizer, slots=2, prefill_chunk=16) as batcher:
+        failed = batcher.submit(Request(prompt, 8)).result(30)
+        assert failed.finish_reason == "error" and "injected prefill fault" in failed.error
+        retry = batcher.submit(Request(prompt[:16] + [5, 6], 4)).result(30)
+        assert retry.cached_tokens == 0, "a failed prefill's first part was kept"

@@ -41,7 +41,7 @@ def served(artifact, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(artifact, repo, "llama", slots=SLOTS, queue=32, threads=1)
     write_repository(artifact, repo, "tight", slots=1, queue=1, threads=1,  # for the full queue
-                     prefix_reuse=False)
+                     prefix_reuse=False, prefill_chunk=8)
     server = Served(repo, "--openai", "0", "--model", "llama")
     yield server
     assert server.stop() == 0, server.stderr
@@ -262,6 +262,7 @@ def test_config_is_generated_valid_and_complete(artifact, tmp_path):
     assert {o.name for o in config.output} == {"text_output", "token_ids", "finish_reason", "cached_tokens"}
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["SLOTS"] == "3" and params["QUEUE"] == "5" and params["EXECUTION_ENV_PATH"] == sys.prefix
+    assert params["PREFIX_REUSE"] == "1" and params["PREFILL_CHUNK"] == "256"
     assert (target / "1" / "model.py").read_text() == (Path(serving.__file__).parent / "model.py").read_text()
     gpu = model_config("m", str(artifact), 4, 8, None, "trt", None)
     assert [g.kind for g in gpu.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
@@ -418,7 +419,8 @@ def test_a_conversation_reuses_the_slot_it_left_through_the_openai_endpoint(serv
         ids = ids + want.tokens + reference.tokenizer.encode("And then")[1:]
     assert cached_seen[1] > 0 and cached_seen[2] > cached_seen[1], cached_seen
     assert served.wait_metric(hits, lambda v: v >= before + sum(cached_seen)) >= before + sum(cached_seen)
-    # `tight` is served with --no-prefix-reuse: the same conversation twice reuses nothing
+    # `tight` is served with --no-prefix-reuse and --prefill-chunk 8: the same conversation twice reuses nothing,
+    # and its prompts (30 tokens and more) are prefilled in chunks to the same answer
     for _ in range(2):
         off = generate(served, {"input_ids": ids, "max_tokens": 4, "exclude_input_in_output": True}, "tight").json()
         assert off["cached_tokens"] == 0 and off["token_ids"] == reference.ids(ids, 4).tokens

@@ -388,8 +388,8 @@ def test_requests_in_flight_are_cancelled_at_the_drain_timeout(repo, reference, 
 
 
 FAULTY_MODEL = '''
-"""The served model with injected faults: a prefill of a prompt starting [BOS, PREFILL] raises; after a prefill of
-one starting [BOS, DECODE] the next decode step raises."""
+"""The served model with injected faults: a prefill of a prompt starting with PREFILL raises; after a prefill of one
+starting with DECODE the next decode step raises (no kept slot starts with either, so each is prefilled whole)."""
 from llama_export.runtime.serving import model as served
 
 PREFILL, DECODE = 7, 8
@@ -402,9 +402,9 @@ class TritonPythonModel(served.TritonPythonModel):
         step_rows, armed = backend.step_rows, []
 
         def faulty(cache, start, stop, ids):
-            if ids.shape[1] > 1 and ids[0, 1] == PREFILL:
+            if ids.shape[1] > 1 and ids[0, 0] == PREFILL:
                 raise RuntimeError("injected prefill fault")
-            if ids.shape[1] > 1 and ids[0, 1] == DECODE:
+            if ids.shape[1] > 1 and ids[0, 0] == DECODE:
                 armed.append(True)
             elif ids.shape[1] == 1 and armed:
                 armed.clear()
@@ -426,13 +426,12 @@ def test_every_request_path_ends_with_exactly_one_final_response(artifact, refer
     log = tmp_path / "server.log"
     server = Served(repo, "--log", str(log))
     try:
-        bos = reference.tokenizer.bos_id
         stop_word = reference(PROMPTS[0], 30).text.split()[2]
         cases = {"stop string": dict(text_input=PROMPTS[0], max_tokens=30, stop=[stop_word]),
                  "length": dict(text_input=PROMPTS[1], max_tokens=9),
                  "bad input": dict(text_input=PROMPTS[1], max_tokens=WINDOW),
-                 "failing prefill": dict(input_ids=[bos, 7, 20, 30], max_tokens=5),
-                 "failing decode": dict(input_ids=[bos, 8, 20, 30], max_tokens=5)}
+                 "failing prefill": dict(input_ids=[7, 20, 30], max_tokens=5),
+                 "failing decode": dict(input_ids=[8, 20, 30], max_tokens=5)}
         reasons = {}
         for case, values in cases.items():
             responses, error, finals = grpc_request(server, "llama", **values)

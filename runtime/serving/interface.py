@@ -37,6 +37,8 @@ DEFAULT_MAX_TOKENS = 64
 # config.pbtxt parameters the model reads
 ARTIFACT, SLOTS, QUEUE, THREADS, BACKEND = "ARTIFACT", "SLOTS", "QUEUE", "THREADS", "BACKEND"
 PREFIX_REUSE = "PREFIX_REUSE"  # "1" (default): a free slot keeps its sequence for a prompt that starts with it
+PREFILL_CHUNK = "PREFILL_CHUNK"  # a longer prompt is prefilled this many tokens per step ("0": whole prompts)
+DEFAULT_PREFILL_CHUNK = 256
 EXECUTION_ENV_PATH = "EXECUTION_ENV_PATH"
 
 # stopping: llama-serve names a directory in the server's environment; the model polls it for STOP_FILE (its

@@ -99,7 +99,8 @@ class TritonPythonModel:
         self.batcher = InflightBatcher.open(artifact, slots=int(params.get(interface.SLOTS, "4")),
                                             max_queue=int(params.get(interface.QUEUE, "64")),
                                             backend=params.get(interface.BACKEND, "ort"), threads=threads,
-                                            reuse_prefixes=params.get(interface.PREFIX_REUSE, "1") != "0")
+                                            reuse_prefixes=params.get(interface.PREFIX_REUSE, "1") != "0",
+                                            prefill_chunk=int(params.get(interface.PREFILL_CHUNK, "0")) or None)
         self.max_queue = int(params.get(interface.QUEUE, "64"))
         self.tokenizer = LlamaTokenizer(artifact / "tokenizer.model")
         self.window = self.batcher.max_length

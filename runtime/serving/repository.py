@@ -53,7 +53,8 @@ def execution_env() -> str | None:
 
 
 def model_config(name: str, artifact: str, slots: int, queue: int, threads: int | None, backend: str,
-                 env: str | None, prefix_reuse: bool = True):
+                 env: str | None, prefix_reuse: bool = True,
+                 prefill_chunk: int = interface.DEFAULT_PREFILL_CHUNK):
     """The model's configuration as a ModelConfig message."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -67,7 +68,7 @@ def model_config(name: str, artifact: str, slots: int, queue: int, threads: int 
     config.instance_group.add(count=1, kind=kind)  # one batcher per model; its slots batch the requests
     parameters = {interface.ARTIFACT: artifact, interface.SLOTS: str(slots), interface.QUEUE: str(queue),
                   interface.BACKEND: backend, interface.THREADS: str(threads or 0),
-                  interface.PREFIX_REUSE: "1" if prefix_reuse else "0"}
+                  interface.PREFIX_REUSE: "1" if prefix_reuse else "0", interface.PREFILL_CHUNK: str(prefill_chunk)}
     if env:
         parameters[interface.EXECUTION_ENV_PATH] = env
     for key, value in parameters.items():
@@ -89,7 +90,8 @@ def config_text(config) -> str:
 
 def write_repository(directory: Path, repo: Path, name: str = "llama", slots: int = 4, queue: int = 64,
                      threads: int | None = None, backend: str = "ort", copy: bool = False,
-                     force: bool = False, prefix_reuse: bool = True) -> Path:
+                     force: bool = False, prefix_reuse: bool = True,
+                     prefill_chunk: int = interface.DEFAULT_PREFILL_CHUNK) -> Path:
     """Write REPO/NAME (config.pbtxt, 1/model.py, and with `copy` 1/artifact); the model directory."""
     if not NAME_RE.match(name):
         raise RepositoryError(f"--name {name!r}: use letters, digits, '_', '.', '-'")
@@ -103,7 +105,10 @@ def write_repository(directory: Path, repo: Path, name: str = "llama", slots: in
     if target.exists() and not force:
         raise RepositoryError(f"{target} already exists; remove it, pick another --name, or pass --force")
     location = "1/artifact" if copy else str(artifact.directory.resolve())
-    text = config_text(model_config(name, location, slots, queue, threads, backend, execution_env(), prefix_reuse))
+    if prefill_chunk < 0:
+        raise RepositoryError(f"--prefill-chunk {prefill_chunk}: give 0 (whole prompts) or a number of tokens")
+    text = config_text(model_config(name, location, slots, queue, threads, backend, execution_env(), prefix_reuse,
+                                    prefill_chunk))
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=repo))  # renamed into place when complete
     try:
@@ -137,8 +142,12 @@ def write_repository(directory: Path, repo: Path, name: str = "llama", slots: in
 @click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
               help="A free slot keeps the sequence that last ran in it, and a prompt that starts with it prefills "
                    "only the rest (off: every prompt is prefilled whole; see docs/inflight.md on isolation).")
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=interface.DEFAULT_PREFILL_CHUNK,
+              show_default=True,
+              help="A longer prompt is prefilled this many tokens per step, between decode steps of the running "
+                   "requests, so that it does not stall them for its whole prefill (0: whole prompts).")
 @click.option("--force", is_flag=True, help="Replace REPO/NAME if it exists.")
-def main(directory, repo, name, slots, queue, threads, backend, prefix_reuse, copy, force):
+def main(directory, repo, name, slots, queue, threads, backend, prefix_reuse, prefill_chunk, copy, force):
     """Write a Triton model repository serving a static-cache artifact DIRECTORY.
 
     \b
@@ -148,7 +157,8 @@ def main(directory, repo, name, slots, queue, threads, backend, prefix_reuse, co
       llama-serve repo
     """
     try:
-        target = write_repository(directory, repo, name, slots, queue, threads, backend, copy, force, prefix_reuse)
+        target = write_repository(directory, repo, name, slots, queue, threads, backend, copy, force, prefix_reuse,
+                                  prefill_chunk)
     except RepositoryError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -83,12 +83,14 @@ def _fail(message: str, code: int = 1):
               help="For an artifact: see llama-triton.")
 @click.option("--prefix-reuse/--no-prefix-reuse", default=True, show_default=True,
               help="For an artifact: see llama-triton.")
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=interface.DEFAULT_PREFILL_CHUNK,
+              show_default=True, help="For an artifact: see llama-triton.")
 @click.option("--drain-timeout", "drain_s", type=click.FloatRange(min=0), default=DRAIN_S, show_default=True,
               help="On Ctrl-C / SIGTERM, requests in flight get this many seconds to finish; then they are cancelled "
                    "(their clients get what was generated, finish_reason cancelled). New requests are refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoints as one JSON line when ready.")
 def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_model, timeout, log_path, slots,
-         queue, threads, backend, prefix_reuse, drain_s, as_json):
+         queue, threads, backend, prefix_reuse, prefill_chunk, drain_s, as_json):
     """Serve a Triton model repository (from llama-triton) or an artifact directory with tritonserver.
 
     Prints the endpoints when the server is ready; a model that cannot load ends with the server's reason
@@ -107,7 +109,7 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
         if (source / "manifest.json").is_file():
             try:
                 repo = write_repository(source, workdir / "repository", "llama", slots, queue, threads, backend,
-                                        prefix_reuse=prefix_reuse)
+                                        prefix_reuse=prefix_reuse, prefill_chunk=prefill_chunk)
                 repo = repo.parent
             except RepositoryError as err:
                 _fail(str(err), 2)
