@@ -21,9 +21,11 @@ backend's `SlotCache` keeps every row's length and mask). Its own thread runs th
 Running rows always fill rows `0..n-1` of the cache, so a decode step runs exactly the running rows: a row that
 finishes (or is cancelled) frees its slot at once, and the top row moves down into it (one copy of that row's
 filled positions, once per finished request, never per step); with prefix reuse the two rows are swapped, so the
-finished sequence stays in the cache as the top free row. A sequence whose step failed is never kept. Each request samples with its own numpy Generator
-seeded from its `params.seed`, so a request's tokens do not depend on its neighbours: greedy ones equal its solo
-`llama-generate` run, and so do seeded sampled ones.
+finished sequence stays in the cache as the top free row. A sequence whose step failed is never kept. With
+`prefill_chunk`, a longer prompt is prefilled that many tokens per step in the row just above the running rows,
+which decode between its parts. Each request samples with its own numpy Generator seeded from its `params.seed`,
+so a request's tokens do not depend on its neighbours: greedy ones equal its solo `llama-generate` run, and so do
+seeded sampled ones.
 
 Bad input is refused at `submit` (`RequestRejected`, with the numbers); a full waiting queue makes `submit` raise
 `Busy` at once. An exception inside a step fails the requests that step concerns (the one prefilled, or the rows
@@ -261,7 +263,8 @@ class InflightBatcher:
         if bad:
             raise RequestRejected(f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
-        return ids, int(request.max_new_tokens), params, stops, tuple(request.stop_strings), bool(request.cache_prompt)
+        return (ids, int(request.max_new_tokens), params, stops, tuple(request.stop_strings),
+                bool(request.cache_prompt))
 
     def stats(self) -> dict:
         with self._cond:
@@ -397,7 +400,8 @@ class InflightBatcher:
             return
         end = len(seq.prompt) if not self.prefill_chunk else min(len(seq.prompt), seq.filled + self.prefill_chunk)
         try:
-            logits = self.backend.step_rows(self._cache, row, row + 1, np.array([seq.prompt[seq.filled:end]], np.int64))
+            part = np.array([seq.prompt[seq.filled:end]], np.int64)
+            logits = self.backend.step_rows(self._cache, row, row + 1, part)
             seq.filled = end
             token = self._sample(seq, logits[0:1]) if end == len(seq.prompt) else None
         except Exception as err:
@@ -467,12 +471,15 @@ class InflightBatcher:
     def _lower(self, source: int, target: int) -> None:
         """Row `source`'s sequence to row `target` (free): swapped where rows are kept, else moved."""
         if self._reuse:
-            self.backend.swap_rows(self._cache, source, target)
-            self._kept[source], self._kept[target] = self._kept[target], []
-            self._used[source] = self._used[target]
-        else:
-            self.backend.move_row(self._cache, source, target)
-            self._kept[source] = self._kept[target] = []
+            try:
+                self.backend.swap_rows(self._cache, source, target)
+                self._kept[source], self._kept[target] = self._kept[target], []
+                self._used[source] = self._used[target]
+                return
+            except NotImplementedError:
+                self._reuse = False
+        self.backend.move_row(self._cache, source, target)
+        self._kept[source] = self._kept[target] = []
 
     def _keep(self, row: int, top: int, seq: _Sequence) -> bool:
         """Move a finished sequence to the top row (swapping with the running one there) and keep it; False where
