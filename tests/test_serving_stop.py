@@ -234,10 +234,11 @@ LOADS = [openai_streaming, http_generate_stream, grpc_streaming, non_streaming, 
          malformed_requests, busy_burst]
 
 
-def grpc_request(server: Served, model: str, cancel_after: int | None = None, **values):
+def grpc_request(server: Served, model: str, cancel_after: int | None = None, on_first=None, **values):
     """One request over a gRPC stream (tritonclient.grpc): (its responses, its error, how many responses were
     final). Unless cancelled after `cancel_after` responses, the stream is closed without cancelling, and the
-    server must end it: a request that never got its final response would keep it open."""
+    server must end it: a request that never got its final response would keep it open. `on_first()` is called
+    once the first response has come."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
@@ -253,6 +254,8 @@ def grpc_request(server: Served, model: str, cancel_after: int | None = None, **
             break
         responses.append(result)
         finals += is_final(result)
+        if on_first is not None and len(responses) == 1:
+            on_first()
         if is_final(result) or (cancel_after is not None and len(responses) >= cancel_after):
             break
     closer = threading.Thread(target=client.stop_stream, kwargs={"cancel_requests": cancel_after is not None})
@@ -317,16 +320,15 @@ def test_requests_in_flight_finish_before_the_stop(repo, reference, tmp_path):
         answers["http"] = "".join(json.loads(p[6:])["text_output"] for p in pieces)
 
     def grpc_stream():
-        first.wait(30)  # the request is sent first: its stream waits below
-        responses, error, _ = grpc_request(server, "llama", text_input=PROMPTS[2], max_tokens=n, ignore_eos=True)
+        responses, error, _ = grpc_request(server, "llama", on_first=lambda: first.wait(30), text_input=PROMPTS[2],
+                                           max_tokens=n, ignore_eos=True)
         answers["grpc"] = "".join(r.as_numpy("text_output")[0].decode() for r in responses)
 
     threads = [threading.Thread(target=f) for f in (openai_stream, http_stream, grpc_stream)]
     for t in threads:
         t.start()
     try:
-        first.wait(60)
-        time.sleep(0.2)  # the gRPC request is in
+        first.wait(60)  # each of the three has its first piece
         server.process.send_signal(15)
         deadline = time.monotonic() + 10
         while "stopping" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
@@ -445,7 +447,7 @@ def test_every_request_path_ends_with_exactly_one_final_response(artifact, refer
         # refused as busy: 2 slots and a queue of 1 hold 3 long requests; a 4th and 5th are refused
         with ThreadPoolExecutor(5) as pool:
             results = list(pool.map(lambda i: grpc_request(server, "llama", text_input=PROMPTS[i % 4],
-                                                           max_tokens=300, ignore_eos=True), range(5)))
+                                                           max_tokens=WINDOW - 16, ignore_eos=True), range(5)))
         assert all(finals == 1 for _, _, finals in results)
         assert sum("the queue is full" in str(error) for _, error, _ in results if error is not None) >= 1
         # cancelled mid-stream (gRPC) and a client gone (HTTP): no final response reaches them; the model ends them
