@@ -497,29 +497,45 @@ class InflightBatcher:
         return True
 
     def _take_row(self, row: int, seq: _Sequence) -> int:
-        """Make free row `row` ready for `seq`: the kept sequence sharing the longest prefix with its prompt is
-        swapped in and cut to that prefix (at least one prompt token is left to prefill, for its logits); without a
-        match, the least recently used row is emptied. The number of prompt tokens reused."""
+        """Make free row `row` ready for `seq`, reusing the longest prefix of its prompt found in the cache (at least
+        one prompt token is left to prefill, for its logits): a kept sequence is swapped in and cut to it; a running
+        sequence's prompt is copied into the least recently used free row; else that row is emptied. The number of
+        prompt tokens reused."""
         free = range(row, self.slots)
         common = {r: 0 for r in free}
+        running, from_running = None, 0
         if self._reuse and seq.cache_prompt:
             limit = len(seq.prompt) - 1
             for r in free:
                 common[r] = _common_prefix(self._kept[r], seq.prompt, limit)
+            for r, other in enumerate(self._rows):  # their prompts are written whole and never change
+                shared = _common_prefix(other.prompt, seq.prompt, limit)
+                if shared > from_running:
+                    running, from_running = r, shared
             with self._cond:
                 self._stats["prefix_queried_tokens"] += len(seq.prompt)
         source = max(free, key=lambda r: (common[r], -self._used[r]))
+        copy = from_running > common[source]
+        if copy:
+            source = min(free, key=lambda r: self._used[r])
         if source != row:
             self.backend.swap_rows(self._cache, source, row)
             self._kept[source], self._kept[row] = self._kept[row], self._kept[source]
             self._used[source], self._used[row] = self._used[row], self._used[source]
-        reused = common[source]
-        if reused:
+        reused = from_running if copy else common[source]
+        if copy:
+            try:
+                self.backend.copy_prefix(self._cache, running, row, reused)
+            except NotImplementedError:
+                self.backend.clear_row(self._cache, row)
+                reused = 0
+        elif reused:
             self.backend.truncate_row(self._cache, row, reused)
-            with self._cond:
-                self._stats["prefix_hit_tokens"] += reused
         else:
             self.backend.clear_row(self._cache, row)
+        if reused:
+            with self._cond:
+                self._stats["prefix_hit_tokens"] += reused
         self._kept[row] = []
         return reused
 

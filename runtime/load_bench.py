@@ -2,10 +2,13 @@
 
 Each of N clients submits a request (a prompt of `--prompt-len` random token ids, `--gen-len` new tokens, greedy,
 end-of-sequence ignored so that every request makes exactly `--gen-len` tokens), waits for its end, and submits the
-next, until `--requests` requests have been made; every concurrency level runs the same requests, on one batcher of
-`--slots` slots (default: the largest concurrency) over the same loaded backend. The `sequential` row runs the same
-requests one after another without the batcher (a prefill and the decode steps of a batch of one, llama-bench's
-loop): the baseline the aggregate rates are compared with.
+next, until `--requests` requests have been made, on one batcher of `--slots` slots (default: the largest
+concurrency) over the same loaded backend. Every run draws prompts of its own (the same lengths), so that no run
+finds another's in the kept slots (prefix reuse, runtime/inflight.py). `--workload shared-prefix` puts one
+`--shared-len`-token system prompt (its own per run) before every prompt. `--prefix-reuse both` runs every level
+twice, with reuse and with `cache_prompt=False` requests (reuse off), side by side. The `sequential` row runs the
+first run's requests one after another without the batcher (a prefill and the decode steps of a batch of one,
+llama-bench's loop): the baseline the aggregate rates are compared with.
 
 Reported per row: aggregate generated tokens/s (all tokens ÷ the time from the first submit to the last end), time
 to first token p50/p95 (submit → first token, queueing included), inter-token latency p50/p95 (every gap between
@@ -68,7 +71,7 @@ def sequential(backend, prompts: list[list[int]], gen_len: int) -> dict:
 
 
 def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int, clients: int,
-                ramp_up: float = 0.0) -> dict:
+                ramp_up: float = 0.0, reuse: bool = True) -> dict:
     """`clients` threads, each submitting the next request once its last one ended; client k starts
     `k × ramp_up / clients` seconds after the first."""
     order = itertools.count()
@@ -78,7 +81,7 @@ def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int
     def client(k: int) -> None:
         time.sleep(k * ramp_up / clients)
         while (i := next(order)) < len(prompts):
-            done = batcher.submit(Request(prompts[i], gen_len, ignore_eos=True)).result()
+            done = batcher.submit(Request(prompts[i], gen_len, ignore_eos=True, cache_prompt=reuse)).result()
             if done.finish_reason != "length":
                 failures.append(f"request {i}: {done.finish_reason} {done.error or ''}")
             completions[i] = done
@@ -97,21 +100,24 @@ def closed_loop(batcher: InflightBatcher, prompts: list[list[int]], gen_len: int
     steps = after["steps"] - before["steps"]
     rows = sum(n * count for n, count in after["rows_per_step"].items()) - \
         sum(n * count for n, count in before["rows_per_step"].items())
-    return summary(f"{clients} clients", wall, sum(len(c.tokens) for c in completions), [c.ttft_s for c in completions],
-                   [gap for c in completions for gap in c.token_times_s], clients,
-                   round(rows / (steps * batcher.slots), 3) if steps else None)
+    row = summary(f"{clients} clients", wall, sum(len(c.tokens) for c in completions), [c.ttft_s for c in completions],
+                  [gap for c in completions for gap in c.token_times_s], clients,
+                  round(rows / (steps * batcher.slots), 3) if steps else None)
+    row["cached_tokens"] = sum(c.cached_tokens for c in completions)
+    return row
 
 
 def table(report: dict) -> str:
-    columns = [("mode", "mode", 12), ("tokens_per_s", "tok/s", 8), ("speedup", "× seq", 6),
+    columns = [("mode", "mode", 22), ("tokens_per_s", "tok/s", 8), ("speedup", "× seq", 6),
                ("ttft_p50_ms", "TTFT p50 ms", 12), ("ttft_p95_ms", "TTFT p95 ms", 12),
                ("itl_p50_ms", "ITL p50 ms", 11), ("itl_p95_ms", "ITL p95 ms", 11), ("occupancy", "occupancy", 10),
-               ("wall_s", "wall s", 8)]
+               ("cached_tokens", "cached", 7), ("wall_s", "wall s", 8)]
     lines = ["  ".join(f"{title:>{width}}" for _, title, width in columns)]
     for row in report["runs"]:
         lines.append("  ".join(f"{'' if row.get(key) is None else row[key]!s:>{width}}" for key, _, width in columns))
-    lines.append(f"{report['requests']} requests of {report['prompt_len']} prompt + {report['gen_len']} new tokens, "
-                 f"{report['slots']} slots, {report['threads']} threads, prefill ≤ "
+    shared = f"{report['shared_len']} shared + " if report["workload"] == "shared-prefix" else ""
+    lines.append(f"{report['requests']} requests of {shared}{report['prompt_len']} prompt + {report['gen_len']} new "
+                 f"tokens, {report['slots']} slots, {report['threads']} threads, prefill ≤ "
                  f"{report['prefill_tokens_per_step']} prompt tokens per step (at least one prompt), clients started "
                  f"over {report['ramp_up_s']} s; peak RSS {report['peak_rss_mb']} MB")
     return "\n".join(lines)
@@ -148,9 +154,17 @@ def parse_levels(text: str) -> list[int]:
 @click.option("--settle", type=click.FloatRange(min=0), default=3.0, show_default=True,
               help="Seconds to wait after loading and the warm-up, before the timed runs (see llama-bench).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts.")
+@click.option("--workload", type=click.Choice(["random", "shared-prefix"]), default="random", show_default=True,
+              help="random: prompts share nothing. shared-prefix: one --shared-len-token system prompt before each.")
+@click.option("--shared-len", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="The shared system prompt's tokens (--workload shared-prefix).")
+@click.option("--prefix-reuse", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="Whether requests may reuse a prefix kept in the cache; both: each level with and without.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None,
+              help="Prefill longer prompts this many tokens per step (default: whole prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_tokens_per_step, ramp_up, sequential_run,
-         backend, threads, settle, seed, as_json):
+         backend, threads, settle, seed, workload, shared_len, prefix_reuse, prefill_chunk, as_json):
     """Load benchmark of in-flight batching: aggregate tokens/s, TTFT and inter-token latency under N clients.
 
     \b
@@ -162,35 +176,50 @@ def main(directory, concurrency, requests, prompt_len, gen_len, slots, prefill_t
     slots = slots or max(levels)
     try:
         batcher = InflightBatcher.open(directory, slots, max_queue=max(levels), backend=backend, threads=threads,
-                                       prefill_tokens_per_step=prefill_tokens_per_step, log=to_stderr)
+                                       prefill_tokens_per_step=prefill_tokens_per_step, log=to_stderr,
+                                       prefill_chunk=prefill_chunk)
     except (ArtifactError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     runner = batcher.backend
-    if prompt_len + gen_len > runner.max_length:
+    total = prompt_len + (shared_len if workload == "shared-prefix" else 0)
+    if total + gen_len > runner.max_length:
         batcher.close()
-        click.echo(f"error: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the context window "
+        click.echo(f"error: the prompt ({total} tokens) + --gen-len {gen_len} exceeds the context window "
                    f"{runner.max_length}", err=True)
         sys.exit(2)
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, batcher.vocab_size, prompt_len).tolist() for _ in range(requests)]
+
+    def draw() -> list[list[int]]:
+        """A run's prompts: its own random ids (and with shared-prefix its own system prompt before each)."""
+        shared = rng.integers(3, batcher.vocab_size, shared_len).tolist() if workload == "shared-prefix" else []
+        return [shared + rng.integers(3, batcher.vocab_size, prompt_len).tolist() for _ in range(requests)]
+
+    modes = {"on": [True], "off": [False], "both": [True, False]}[prefix_reuse]
     try:
-        warm = [batcher.submit(Request(prompts[i % requests][:8], 4, ignore_eos=True)) for i in range(slots)]
+        warm = [batcher.submit(Request(rng.integers(3, batcher.vocab_size, 8).tolist(), 4, ignore_eos=True))
+                for _ in range(slots)]
         for handle in warm:
             handle.result()
         if sequential_run:
-            sequential(runner, [prompts[0][:8]], 4)
+            sequential(runner, [rng.integers(3, batcher.vocab_size, 8).tolist()], 4)
         time.sleep(settle)
-        runs = [sequential(runner, prompts, gen_len)] if sequential_run else []
+        runs = [sequential(runner, draw(), gen_len)] if sequential_run else []
         for clients in levels:
-            to_stderr(f"{clients} clients …")
-            runs.append(closed_loop(batcher, prompts, gen_len, clients, ramp_up))
+            for reuse in modes:
+                to_stderr(f"{clients} clients{'' if reuse else ', reuse off'} …")
+                row = closed_loop(batcher, draw(), gen_len, clients, ramp_up, reuse)
+                if len(modes) > 1 or not reuse:
+                    row["mode"] += ", reuse on" if reuse else ", reuse off"
+                runs.append(row)
     finally:
         batcher.close()
     base = runs[0]["tokens_per_s"] if sequential_run else None
     for row in runs:
         row["speedup"] = round(row["tokens_per_s"] / base, 2) if base else None
-    report = {"artifact": str(directory), "backend": backend, "requests": requests,
+    report = {"artifact": str(directory), "backend": backend, "requests": requests, "workload": workload,
+              "shared_len": shared_len if workload == "shared-prefix" else 0, "prefix_reuse": prefix_reuse,
+              "prefill_chunk": prefill_chunk,
               "prompt_len": prompt_len, "gen_len": gen_len, "slots": slots, "threads": threads,
               "prefill_tokens_per_step": batcher.prefill_tokens_per_step, "ramp_up_s": ramp_up, "settle_s": settle,
               "runs": runs,

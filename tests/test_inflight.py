@@ -316,6 +316,17 @@ def test_load_bench_reports_consistent_figures(artifacts):
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p95_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p95_ms"]
     assert runs["1 clients"]["occupancy"] == pytest.approx(0.25, abs=0.01)  # one row of 4 slots in every step
     assert 0.25 < runs["4 clients"]["occupancy"] <= 1 and report["peak_rss_mb"] > 50
+    for row in runs.values():
+        assert row.get("cached_tokens", 0) == 0  # every run draws prompts of its own: nothing to reuse
+    shared = subprocess.run([sys.executable, "-m", "llama_export.runtime.load_bench", str(artifact.directory),
+                             "--concurrency", "4", "--requests", "4", "--prompt-len", "6", "--gen-len", "4",
+                             "--workload", "shared-prefix", "--shared-len", "30", "--prefix-reuse", "both",
+                             "--no-sequential", "--settle", "0", "--json"], capture_output=True, text=True, timeout=300)
+    assert shared.returncode == 0, shared.stderr
+    runs = {row["mode"]: row for row in json.loads(shared.stdout)["runs"]}
+    assert list(runs) == ["4 clients, reuse on", "4 clients, reuse off"]
+    # the first request prefills the system prompt; the three others copy it from its running row
+    assert runs["4 clients, reuse on"]["cached_tokens"] == 3 * 30 and runs["4 clients, reuse off"]["cached_tokens"] == 0
     bad = subprocess.run([sys.executable, "-m", "llama_export.runtime.load_bench", str(artifact.directory), "--concurrency", "0,2"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give client counts ≥ 1" in bad.stderr and "Traceback" not in bad.stderr
@@ -449,3 +460,18 @@ def test_a_chunked_prefill_cancelled_or_failing_midway_keeps_nothing(artifacts, 
         assert failed.finish_reason == "error" and "injected prefill fault" in failed.error
         retry = batcher.submit(Request(prompt[:16] + [5, 6], 4)).result(30)
         assert retry.cached_tokens == 0, "a failed prefill's first part was kept"
+
+
+@pytest.mark.parametrize("case", ["tiny", "gqa"])
+def test_concurrent_requests_share_a_system_prompt_from_a_running_row(artifacts, tokenizer, case):
+    """Four requests that share a 40-token system prompt, submitted at once: the first prefills it, each later one
+    copies it from a running row and prefills only its own question; all equal their solo runs."""
+    artifact, backend = artifacts(case)
+    rng = np.random.default_rng(31)
+    system = rng.integers(3, 4000, 40).tolist()
+    work = [Request(system + rng.integers(3, 4000, 5).tolist(), 10) for _ in range(4)]
+    want = [solo(backend, tokenizer, r) for r in work]
+    with InflightBatcher(backend, tokenizer, slots=4) as batcher:
+        got = [h.result(60) for h in batcher.submit_many(work)]
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.cached_tokens for g in got] == [0, 40, 40, 40]

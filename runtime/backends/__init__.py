@@ -77,6 +77,10 @@ class SlotBackend(Backend, Protocol):
     def truncate_row(self, cache, row: int, length: int) -> None:
         """Keep the first `length` positions of a row's sequence; the next step on it writes from there."""
 
+    def copy_prefix(self, cache, source: int, target: int, length: int) -> None:
+        """Row `target` (free) takes a copy of the first `length` positions of row `source` (a running sequence
+        whose prompt another prompt starts with)."""
+
 
 def serves_slots(backend) -> bool:
     """Whether the backend serves a pool of sequences (`SlotBackend`): a static-cache ort or trt backend."""

@@ -106,6 +106,14 @@ class SlotState:
         self.mask[[a, b]] = self.mask[[b, a]]
         self.lengths[[a, b]] = self.lengths[[b, a]]
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Row `target` holds the first `length` positions of row `source` (copied by the backend) and nothing else."""
+        if not 0 < length <= self.lengths[source]:
+            raise ValueError(f"row {source} holds {int(self.lengths[source])} positions; cannot copy {length}")
+        self.mask[target] = 0
+        self.mask[target, :length] = 1
+        self.lengths[target] = length
+
     def truncate(self, row: int, length: int) -> None:
         """Keep the row's first `length` positions (a cached prefix): the rest is unmarked, to be written again."""
         if not 0 <= length <= self.lengths[row]:

@@ -233,6 +233,13 @@ class StaticOrtBackend(OrtBackend):
             array[b, :, :la] = kept
         cache.swap(a, b)
 
+    def copy_prefix(self, cache: SlotCache, source: int, target: int, length: int) -> None:
+        if not cache.host:
+            raise NotImplementedError("copying a prefix between rows of a device cache")
+        for array in cache.host:
+            array[target, :, :length] = array[source, :, :length]
+        cache.copy_prefix(source, target, length)
+
     def truncate_row(self, cache: SlotCache, row: int, length: int) -> None:
         cache.truncate(row, length)  # the positions past it stay, masked, until written again
 

@@ -369,6 +369,12 @@ class TrtBackend:
                 buffer[b].copy_(kept)
         cache.swap(a, b)
 
+    def copy_prefix(self, cache: TrtSlotCache, source: int, target: int, length: int) -> None:
+        with self.torch.cuda.stream(self.stream):
+            for buffer in cache.buffers:
+                buffer[target, :, :length].copy_(buffer[source, :, :length])
+        cache.copy_prefix(source, target, length)
+
     def truncate_row(self, cache: TrtSlotCache, row: int, length: int) -> None:
         cache.truncate(row, length)
 
