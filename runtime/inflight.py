@@ -73,6 +73,7 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False  # run to max_new_tokens past end-of-sequence (load benchmarks)
     cache_prompt: bool = True  # False: prefill the whole prompt (the solo run's exact computation), reuse nothing
+    cache_salt: str = ""  # prefixes are shared only between requests of the same salt (vLLM's name)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class _Sequence:
     stop_strings: tuple[str, ...]
     on_event: Callable[[Event], None] | None
     cache_prompt: bool = True
+    cache_salt: str = ""
     cached: int = 0  # prompt tokens taken from a kept slot
     filled: int = 0  # prompt tokens whose keys and values are written (chunked prefill)
     row: Row = None
@@ -178,6 +180,7 @@ class InflightBatcher:
         self._reuse = reuse_prefixes and hasattr(backend, "swap_rows")
         self._kept: list[list[int]] = [[] for _ in range(slots)]
         self._used = [0.0] * slots
+        self._salt = [""] * slots  # the kept sequence's cache_salt
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -234,10 +237,11 @@ class InflightBatcher:
                 raise Busy(f"busy: the waiting queue is full ({len(self._waiting)} of {self.max_queue} requests "
                            f"waiting for {self.slots} slots); retry later")
             handles = []
-            for (ids, max_new_tokens, params, stops, stop_strings, cache_prompt), on_event in zip(checked, on_events):
+            for (ids, max_new_tokens, params, stops, stop_strings, cache_prompt, salt), on_event in zip(checked,
+                                                                                                     on_events):
                 handles.append(Handle(self, next(self._ids)))
                 self._waiting.append(_Sequence(handles[-1], ids, max_new_tokens, params, stops, stop_strings,
-                                               on_event, cache_prompt))
+                                               on_event, cache_prompt, salt))
             self._cond.notify()
         return handles
 
@@ -263,8 +267,10 @@ class InflightBatcher:
         if bad:
             raise RequestRejected(f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         stops = {*stop_ids} if request.ignore_eos else {self.tokenizer.eos_id, *stop_ids}
+        if not isinstance(request.cache_salt, str):
+            raise RequestRejected(f"cache_salt must be a string, not {type(request.cache_salt).__name__}")
         return (ids, int(request.max_new_tokens), params, stops, tuple(request.stop_strings),
-                bool(request.cache_prompt))
+                bool(request.cache_prompt), request.cache_salt)
 
     def stats(self) -> dict:
         with self._cond:
@@ -473,8 +479,8 @@ class InflightBatcher:
         if self._reuse:
             try:
                 self.backend.swap_rows(self._cache, source, target)
-                self._kept[source], self._kept[target] = self._kept[target], []
-                self._used[source] = self._used[target]
+                self._swap_kept(source, target)
+                self._kept[target] = []
                 return
             except NotImplementedError:
                 self._reuse = False
@@ -493,8 +499,14 @@ class InflightBatcher:
             self._rows[row] = self._rows[top]
         length = int(self._cache.lengths[top])
         self._kept[top] = (seq.prompt + seq.row.tokens)[:length]
-        self._used[top] = time.monotonic()
+        self._used[top], self._salt[top] = time.monotonic(), seq.cache_salt
         return True
+
+    def _swap_kept(self, a: int, b: int) -> None:
+        """What the batcher knows of rows a and b's kept sequences follows a swap of the rows."""
+        self._kept[a], self._kept[b] = self._kept[b], self._kept[a]
+        self._used[a], self._used[b] = self._used[b], self._used[a]
+        self._salt[a], self._salt[b] = self._salt[b], self._salt[a]
 
     def _take_row(self, row: int, seq: _Sequence) -> int:
         """Make free row `row` ready for `seq`, reusing the longest prefix of its prompt found in the cache (at least
@@ -506,10 +518,11 @@ class InflightBatcher:
         running, from_running = None, 0
         if self._reuse and seq.cache_prompt:
             limit = len(seq.prompt) - 1
-            for r in free:
-                common[r] = _common_prefix(self._kept[r], seq.prompt, limit)
+            for r in free:  # only sequences of the same cache_salt share
+                if self._salt[r] == seq.cache_salt:
+                    common[r] = _common_prefix(self._kept[r], seq.prompt, limit)
             for r, other in enumerate(self._rows):  # their prompts are written whole and never change
-                shared = _common_prefix(other.prompt, seq.prompt, limit)
+                shared = _common_prefix(other.prompt, seq.prompt, limit) if other.cache_salt == seq.cache_salt else 0
                 if shared > from_running:
                     running, from_running = r, shared
             with self._cond:
@@ -520,8 +533,7 @@ class InflightBatcher:
             source = min(free, key=lambda r: self._used[r])
         if source != row:
             self.backend.swap_rows(self._cache, source, row)
-            self._kept[source], self._kept[row] = self._kept[row], self._kept[source]
-            self._used[source], self._used[row] = self._used[row], self._used[source]
+            self._swap_kept(source, row)
         reused = from_running if copy else common[source]
         if copy:
             try:

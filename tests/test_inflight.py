@@ -475,3 +475,22 @@ def test_concurrent_requests_share_a_system_prompt_from_a_running_row(artifacts,
         got = [h.result(60) for h in batcher.submit_many(work)]
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert [g.cached_tokens for g in got] == [0, 40, 40, 40]
+
+
+def test_prefixes_are_shared_only_within_a_cache_salt(artifacts, tokenizer):
+    artifact, backend = artifacts("gqa")
+    rng = np.random.default_rng(41)
+    prompt = rng.integers(3, 4000, 30).tolist()
+    with InflightBatcher(backend, tokenizer, slots=3) as batcher:
+        assert batcher.submit(Request(prompt, 4, cache_salt="tenant-a")).result(30).cached_tokens == 0
+        other = batcher.submit(Request(prompt + [5], 4, cache_salt="tenant-b")).result(30)
+        same = batcher.submit(Request(prompt + [6], 4, cache_salt="tenant-a")).result(30)
+        unsalted = batcher.submit(Request(prompt + [7], 4)).result(30)
+        assert (other.cached_tokens, same.cached_tokens, unsalted.cached_tokens) == (0, 30, 0)
+        # concurrent: a running row of another salt is no source either
+        running = [Request(prompt + [9, 9, 9], 20, cache_salt="x"), Request(prompt + [8], 4, cache_salt="y")]
+        got = [h.result(30) for h in batcher.submit_many(running)]
+        assert got[1].cached_tokens == 0
+        assert got[1].tokens == solo(backend, tokenizer, running[1]).tokens
+        with pytest.raises(RequestRejected, match="cache_salt must be a string, not int"):
+            batcher.submit(Request(prompt, 4, cache_salt=5))

@@ -426,3 +426,10 @@ def test_a_conversation_reuses_the_slot_it_left_through_the_openai_endpoint(serv
         assert off["cached_tokens"] == 0 and off["token_ids"] == reference.ids(ids, 4).tokens
     r = httpx.post(url, json={"prompt": "x", "cache_prompt": "no"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["message"] == "cache_prompt must be true or false, got 'no'"
+    # vLLM's cache_salt: another salt shares nothing with this conversation, the same salt shares what it left
+    salted = [httpx.post(url, json={"prompt": ids, "max_tokens": 4, "temperature": 0, "cache_salt": salt},
+                         timeout=60).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for salt in ("tenant-a", "tenant-a")]
+    assert salted[0] == 0 and salted[1] == len(ids) - 1, salted
+    r = httpx.post(url, json={"prompt": "x", "cache_salt": 7}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "cache_salt must be a string, got 7"

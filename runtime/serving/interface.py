@@ -25,6 +25,7 @@ INPUTS = {
     "ignore_eos": ("TYPE_BOOL", "run to max_tokens past end-of-sequence (load tests, as vLLM's ignore_eos)"),
     "exclude_input_in_output": ("TYPE_BOOL", "non-streaming: false (default) puts the prompt before the answer"),
     "cache_prompt": ("TYPE_BOOL", "false: prefill the whole prompt, reusing no kept slot (llama.cpp's name)"),
+    "cache_salt": ("TYPE_STRING", "prefixes are shared only between requests of the same salt (vLLM's name)"),
 }
 OUTPUTS = {
     "text_output": ("TYPE_STRING", "new text (streaming: since the previous response)"),

@@ -219,8 +219,9 @@ class TritonPythonModel:
         prefix = "" if stream or exclude else (prompt if prompt is not None else self.tokenizer.decode(prompt_ids))
         ignore_eos = bool(_scalar(request, "ignore_eos", bool, False))
         cache_prompt = bool(_scalar(request, "cache_prompt", bool, True))
+        salt = _scalar(request, "cache_salt", str, "")
         return (Request(prompt=prompt_ids, max_new_tokens=max_tokens, params=params, stop_strings=stops,
-                        ignore_eos=ignore_eos, cache_prompt=cache_prompt), stream, prefix)
+                        ignore_eos=ignore_eos, cache_prompt=cache_prompt, cache_salt=salt), stream, prefix)
 
     def execute(self, requests):
         for request in requests:

@@ -56,6 +56,13 @@ def _flag(body: dict, name: str, default: bool) -> bool:
     return value
 
 
+def _salt(body: dict) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise BadRequest(f"cache_salt must be a string, got {salt!r}", "cache_salt")
+    return salt or None
+
+
 def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -92,7 +99,8 @@ class Frontend:
                             top_p=_number(body, "top_p", float, 1.0),
                             seed=secrets.randbelow(2**31) if seed is None else seed, stop=_stops(body) or None,
                             ignore_eos=bool(body.get("ignore_eos", False)),  # vLLM's and llama.cpp's extension
-                            cache_prompt=_flag(body, "cache_prompt", True))  # llama.cpp's
+                            cache_prompt=_flag(body, "cache_prompt", True),  # llama.cpp's
+                            cache_salt=_salt(body))  # vLLM's
 
     async def generate(self, inputs):
         """(text, new token ids, finish_reason or None, cached prompt tokens or None) per Triton response, over
