@@ -114,39 +114,35 @@ class TritonPythonModel:
     # ---- metrics -----------------------------------------------------------------------------------------
 
     def _metrics(self):
-        F, p, labels = pb_utils.MetricFamily, interface.METRIC_PREFIX, {"model": self.name}
-        self.f_requests = F(name=p + "requests_total", kind=F.COUNTER,
-                            description="Requests finished, by finish_reason (stop, length, cancelled, error, rejected)")
+        F, labels = pb_utils.MetricFamily, {"model": self.name}
+        self.families = []  # a family must outlive its metrics
+
+        def family(name: str, kind, description: str):
+            self.families.append(F(name=interface.METRIC_PREFIX + name, kind=kind, description=description))
+            return self.families[-1]
+
+        def metric(name: str, kind, description: str, **extra):
+            return family(name, kind, description).Metric(labels=labels, **extra)
+
+        self.f_requests = family("requests_total", F.COUNTER,
+                                 "Requests finished, by finish_reason (stop, length, cancelled, error, rejected)")
         self.m_requests = {}
-        self.f_tokens = F(name=p + "generated_tokens_total", description="Tokens generated", kind=F.COUNTER)
-        self.m_tokens = self.f_tokens.Metric(labels=labels)
-        self.f_steps = F(name=p + "steps_total", description="Engine steps (one batched forward each)",
-                         kind=F.COUNTER)
-        self.m_steps = self.f_steps.Metric(labels=labels)
-        self.f_ttft = F(name=p + "time_to_first_token_seconds", kind=F.HISTOGRAM,
-                        description="From submission to the first new token")
-        self.m_ttft = self.f_ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
-        self.f_itl = F(name=p + "inter_token_latency_seconds", kind=F.HISTOGRAM,
-                       description="Between consecutive new tokens of one request")
-        self.m_itl = self.f_itl.Metric(labels=labels, buckets=ITL_BUCKETS)
-        self.f_running = F(name=p + "running_slots", description="Requests in the batch now", kind=F.GAUGE)
-        self.m_running = self.f_running.Metric(labels=labels)
-        self.f_queued = F(name=p + "queue_depth", description="Requests waiting for a slot", kind=F.GAUGE)
-        self.m_queued = self.f_queued.Metric(labels=labels)
-        self.f_open = F(name=p + "open_requests", kind=F.GAUGE,
-                        description="Requests taken and not yet ended with their final response")
-        self.m_open = self.f_open.Metric(labels=labels)
-        self.f_queried = F(name=p + "prefix_cache_queried_tokens_total", kind=F.COUNTER,
-                           description="Prompt tokens of requests that may reuse a kept slot's prefix")
-        self.m_queried = self.f_queried.Metric(labels=labels)
-        self.f_hit = F(name=p + "prefix_cache_hit_tokens_total", kind=F.COUNTER,
-                       description="Prompt tokens reused from a kept slot instead of prefilled")
-        self.m_hit = self.f_hit.Metric(labels=labels)
-        self.f_shared = F(name=p + "max_running_in_a_step", kind=F.GAUGE,
-                          description="Most requests that shared one batcher step so far")
-        self.m_shared = self.f_shared.Metric(labels=labels)
-        self.steps_reported = 0
-        self.reported = {"prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
+        self.m_tokens = metric("generated_tokens_total", F.COUNTER, "Tokens generated")
+        self.m_ttft = metric("time_to_first_token_seconds", F.HISTOGRAM, "From submission to the first new token",
+                             buckets=TTFT_BUCKETS)
+        self.m_itl = metric("inter_token_latency_seconds", F.HISTOGRAM,
+                            "Between consecutive new tokens of one request", buckets=ITL_BUCKETS)
+        self.m_running = metric("running_slots", F.GAUGE, "Requests in the batch now")
+        self.m_queued = metric("queue_depth", F.GAUGE, "Requests waiting for a slot")
+        self.m_open = metric("open_requests", F.GAUGE, "Requests taken and not yet ended with their final response")
+        self.m_shared = metric("max_running_in_a_step", F.GAUGE, "Most requests that shared one batcher step so far")
+        # counters that follow the batcher's running totals: stats key -> (metric, total reported so far)
+        self.totals = {
+            "steps": [metric("steps_total", F.COUNTER, "Engine steps (one batched forward each)"), 0],
+            "prefix_queried_tokens": [metric("prefix_cache_queried_tokens_total", F.COUNTER,
+                                             "Prompt tokens of requests that may reuse a kept slot's prefix"), 0],
+            "prefix_hit_tokens": [metric("prefix_cache_hit_tokens_total", F.COUNTER,
+                                         "Prompt tokens reused from a kept slot instead of prefilled"), 0]}
         self.gauges_at = 0.0
         self.closing = False
 
@@ -161,13 +157,10 @@ class TritonPythonModel:
         self.m_queued.set(stats["queued"])
         self.m_open.set(len(self.live))
         self.m_shared.set(stats["max_running_in_a_step"])
-        if stats["steps"] > self.steps_reported:
-            self.m_steps.increment(stats["steps"] - self.steps_reported)
-            self.steps_reported = stats["steps"]
-        for key, metric in (("prefix_queried_tokens", self.m_queried), ("prefix_hit_tokens", self.m_hit)):
-            if stats[key] > self.reported[key]:
-                metric.increment(stats[key] - self.reported[key])
-                self.reported[key] = stats[key]
+        for key, total in self.totals.items():
+            if stats[key] > total[1]:
+                total[0].increment(stats[key] - total[1])
+                total[1] = stats[key]
 
     # ---- requests ----------------------------------------------------------------------------------------
 

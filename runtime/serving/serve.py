@@ -162,8 +162,7 @@ def main(source, host, http_port, grpc_port, metrics_port, openai_port, openai_m
             openai_server, port = make_server(e.grpc_url, model, tokenizer, window, host, openai_port,
                                               graceful_s=drain_s + 10)
             openai = OpenAIThread(openai_server)
-            if not openai.start():
-                server.stop()
+            if not openai.start():  # the finally below stops the server
                 _fail(f"--openai {openai_port}: the OpenAI endpoint could not start on {host}:{port} (the port "
                       f"taken?); pick another port, or 0 for a free one")
             endpoints["openai"] = f"http://{host}:{port}/v1"

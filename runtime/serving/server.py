@@ -191,7 +191,7 @@ class TritonServer:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(grace)
             except subprocess.TimeoutExpired:
